@@ -1,0 +1,146 @@
+"""The `stalwart` command: thin subcommands that parse, call one function, and map UserError
+to exit code 2 with a single `error:` line (code 1 is left to bugs, with their traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from stalwart.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one `error:` line and exit 2, like every user error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML recipe, e.g. configs/tiny-cpu.toml")
+    p.epilog = "Any config field: --section.field VALUE (see `stalwart config`)."
+
+
+def cmd_prepare(args, rest) -> int:
+    from stalwart.prepare import prepare
+
+    meta = prepare(args.inputs, args.tokenizer, args.out, val_frac=args.val_frac, force=args.force)
+    base = meta["baselines_bits_per_byte"]
+    print(
+        f"{args.out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
+        f"vocab {meta['vocab_size']} ({meta['tokenizer']}); held-out bits/byte: "
+        f"gzip -9 {base['gzip-9']:.3f}, xz -9 {base['xz-9']:.3f}, unigram {base['unigram']:.3f}"
+    )
+    return 0
+
+
+def cmd_train(args, rest) -> int:
+    from stalwart.config import load_config
+    from stalwart.report import print_run_summary
+    from stalwart.train import train
+
+    cfg = load_config(args.config, rest)
+    result = train(cfg, progress=not args.quiet)
+    print_run_summary(cfg, result)
+    return 0
+
+
+def cmd_sample(args, rest) -> int:
+    from stalwart.sample import load_model, resolve_checkpoint, sample_text
+
+    ckpt = resolve_checkpoint(args.path)
+    model, tok, _ = load_model(ckpt, args.device)
+
+    def stream(s):
+        sys.stdout.write(s)
+        sys.stdout.flush()
+
+    sys.stdout.write(args.prompt)
+    sample_text(
+        model,
+        tok,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.seed,
+        stream=stream,
+    )
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_ckpt(args, rest) -> int:
+    from stalwart.ckpt_cli import run_ckpt
+
+    return run_ckpt(args.action, Path(args.run_dir))
+
+
+def cmd_config(args, rest) -> int:
+    from stalwart.config import help_text, load_config, to_toml
+
+    if args.config or rest:
+        print(to_toml(load_config(args.config, rest)))
+    else:
+        print("Config fields (TOML [section] field = value, or --section.field VALUE):")
+        print(help_text())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="stalwart",
+        description="A production pretraining loop for GPT models.",
+        allow_abbrev=False,
+    )
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("prepare", help="tokenize text into a dataset directory")
+    s.add_argument("inputs", nargs="*", help="files/dirs of text or .jsonl; none = Python stdlib")
+    s.add_argument("--tokenizer", default="byte", help="byte | bpe:N | gpt2")
+    s.add_argument("--out", required=True, help="dataset directory to create")
+    s.add_argument("--val-frac", type=float, default=0.1, help="held-out fraction (0.1)")
+    s.add_argument("--force", action="store_true", help="replace an existing dataset")
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("train", help="train (resumes from the run dir's newest valid checkpoint)")
+    _config_args(s)
+    s.add_argument("--quiet", action="store_true", help="no progress display")
+    s.set_defaults(fn=cmd_train, overrides=True)
+
+    s = sub.add_parser("sample", help="generate text from a run or checkpoint")
+    s.add_argument("path", help="RUN_DIR or CKPT_DIR")
+    s.add_argument("--prompt", default="", help="text to continue")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("ckpt", help="list or verify a run's checkpoints")
+    s.add_argument("action", choices=["list", "verify"])
+    s.add_argument("run_dir")
+    s.set_defaults(fn=cmd_ckpt)
+
+    s = sub.add_parser("config", help="print every config field, or the resolved config")
+    _config_args(s)
+    s.set_defaults(fn=cmd_config, overrides=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    try:
+        args, rest = parser.parse_known_args(argv)
+        if rest and not getattr(args, "overrides", False):
+            raise UserError(f"unrecognized arguments: {' '.join(rest)}")
+        return args.fn(args, rest)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,164 @@
+"""GPT-2: learned positions, pre-norm blocks, GELU MLP, tied embedding/head, causal SDPA.
+
+Parameter names follow nanoGPT / GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...) so the
+Hugging Face export is a rename and a transpose, nothing more.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from stalwart.config import ModelConfig, parse_activation_checkpointing
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = cfg.n_head, cfg.n_embd, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_proj = True  # GPT-2 init: scaled by 1/sqrt(2 * n_layer)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # (B, nh, T, hs): flash / memory-efficient kernels where the backend has them
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_proj = True
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # tanh-approximate GELU: GPT-2's "gelu_new", so exported weights mean the same thing
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+        self.checkpointed = False  # set by GPT.set_activation_checkpointing
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            # keep only the block's input; recompute its insides during backward.
+            # use_reentrant=False: works with autocast, DDP/FSDP and inputs without grad.
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-2)
+        self.apply(self._init_weights)
+        self.set_activation_checkpointing(cfg.activation_checkpointing)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_proj", False):
+                # each residual branch adds to the stream: 2 per block, keep its variance fixed
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_activation_checkpointing(self, spec: str) -> None:
+        kind, every = parse_activation_checkpointing(spec)
+        for i, block in enumerate(self.transformer.h):
+            block.checkpointed = kind == "full" or (kind == "every" and i % every == 0)
+            block.selective = kind == "selective"
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B,T,C)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        if targets is None:
+            return logits, None
+        # the loss in fp32 even under autocast: log-softmax over the vocab needs the range
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    def num_params(self, exclude_position: bool = False) -> int:
+        """Unique parameters (the tied head counted once); optionally without wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if exclude_position else n
+
+
+def num_params(cfg: ModelConfig, vocab_size: int) -> dict[str, int]:
+    """Parameter counts by part, from the config alone (the planner uses it without a model)."""
+    C, L, V, T = cfg.n_embd, cfg.n_layer, vocab_size, cfg.block_size
+    b = 1 if cfg.bias else 0
+    ln = C * (1 + b)
+    block = 2 * ln + (C * 3 * C + b * 3 * C) + (C * C + b * C) + (C * 4 * C + b * 4 * C)
+    block += 4 * C * C + b * C
+    return {
+        "wte": V * C,
+        "wpe": T * C,
+        "blocks": L * block,
+        "ln_f": ln,
+        "total": V * C + T * C + L * block + ln,
+    }
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int) -> int:
+    """Training FLOPs per token: 6 N + 12 L T C (forward + backward, matmuls only).
+
+    N counts every parameter that takes part in a matmul: the blocks and the tied wte/lm_head
+    (the head is a (C x V) matmul on every token). It leaves out wpe (a lookup, no matmul), layer
+    norms and biases (element-wise, negligible). The attention term is the two T x T matmuls
+    (QK^T and AV): 2 * 2 * T * C per token per layer forward, x3 for forward + backward.
+    Causal masking halves the useful work, but like nanoGPT and PaLM we count the full square.
+    """
+    C, L, T = cfg.n_embd, cfg.n_layer, cfg.block_size
+    matmul_params = L * 12 * C * C + vocab_size * C
+    return 6 * matmul_params + 12 * L * T * C
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> GPT:
+    return GPT(cfg, vocab_size)

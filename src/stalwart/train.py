@@ -1,0 +1,370 @@
+"""THE loop: `train(cfg)`. Setup, build, resume, then the seven steps of a training step.
+
+Read it top to bottom; the details live in the components it calls.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stalwart import checkpoint as ck
+from stalwart import parallel, trainstate
+from stalwart.config import Config, to_toml
+from stalwart.data import BatchLoader, eval_batches, open_dataset
+from stalwart.errors import UserError
+from stalwart.hardware import device_peak
+from stalwart.health import build_monitor
+from stalwart.metrics import MetricsLog, Progress, truncate_after
+from stalwart.model import build_model, flops_per_token
+from stalwart.optim import build_optimizer
+from stalwart.precision import build_precision
+from stalwart.schedule import schedule_lr
+from stalwart.trainstate import LoopState
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    val_loss: float | None
+    best_val: float
+    model: torch.nn.Module
+    data_meta: dict
+    stopped_early: bool = False
+
+
+def forward_backward(model, micro_batches, prec, grad_accum: int, ctx) -> torch.Tensor:
+    """Step 3: accumulate gradients over the micro-batches; return the mean loss (on device)."""
+    loss_sum = torch.zeros((), device=prec.device)
+    for i, (x, y) in enumerate(micro_batches):
+        # DDP: all-reduce gradients only after the last micro-batch, not after every one
+        with parallel.no_sync_unless(model, ctx, last=i == len(micro_batches) - 1):
+            with prec.autocast():
+                _, loss = model(x, y)
+            loss_sum += loss.detach()
+            # Divide so the *sum* of micro-batch gradients is the *mean* gradient of the batch;
+            # without it the effective LR is grad_accum times too large (the lesson's subtlety).
+            prec.scaler.scale(loss / grad_accum).backward()
+    return parallel.mean_across_ranks_tensor(loss_sum / len(micro_batches), ctx)
+
+
+@torch.no_grad()
+def evaluate(model, batches, prec, ctx) -> float:
+    """Mean held-out loss over the fixed eval batches (all ranks)."""
+    model.eval()
+    total = torch.zeros((), device=prec.device)
+    for x, y in batches:
+        with prec.autocast():
+            _, loss = model(x.to(prec.device), y.to(prec.device))
+        total += loss.float()
+    model.train()
+    return float(parallel.mean_across_ranks_tensor(total / max(len(batches), 1), ctx))
+
+
+class StopRequest:
+    """SIGTERM/SIGINT (preemption, Ctrl-C): finish the current step, save, exit cleanly."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    @contextmanager
+    def installed(self):
+        previous = {}
+
+        def handler(signum, frame):
+            self.signum = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
+        try:
+            yield self
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+
+def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
+    run_dir = Path(cfg.run.dir)
+    if is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunResult:
+    hooks = hooks or {}
+    # ---- Setup: device, seeds, threads -----------------------------------------------------
+    ctx = parallel.init(cfg.parallel, cfg.run.device)
+    device = ctx.device
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    trainstate.seed_everything(cfg.run.seed)  # before anything random is built
+    run_dir = prepare_run_dir(cfg, ctx.is_main)
+    ckpt_root = run_dir / "checkpoints"
+
+    # ---- Build: data, model, optimizer, precision ------------------------------------------
+    data = open_dataset(cfg.data.dir)
+    vocab = cfg.model.vocab_size or int(data.meta["vocab_size"])
+    if vocab < data.meta["vocab_size"]:
+        raise UserError(
+            f"--model.vocab_size {vocab} is smaller than the dataset's vocabulary "
+            f"({data.meta['vocab_size']}): leave it at 0 to take the dataset's"
+        )
+    cfg.model.vocab_size = vocab
+    micro = _micro_batch(cfg, ctx)
+    raw_model = build_model(cfg.model, vocab).to(device)
+    if cfg.run.init_from:
+        from stalwart.export import load_init_weights
+
+        load_init_weights(raw_model, cfg.run.init_from)
+    opt = build_optimizer(cfg.optim, raw_model)
+    prec = build_precision(cfg.train.precision, device)
+    model = parallel.wrap_model(raw_model, cfg, ctx)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    loader = BatchLoader(
+        data.train,
+        cfg.model.block_size,
+        micro,
+        cfg.train.grad_accum,
+        cfg.run.seed,
+        ctx.rank,
+        ctx.world_size,
+        device,
+        cfg.debug.slow_data_ms,
+    )
+    val_batches = eval_batches(
+        data.val,
+        cfg.model.block_size,
+        micro,
+        cfg.train.eval_batches,
+        cfg.run.seed,
+        ctx.rank,
+        ctx.world_size,
+    )
+    monitor = build_monitor(cfg.health)
+    loop = LoopState()
+    display = Progress(cfg.train.max_steps, enabled=progress and ctx.is_main)
+    say = display.message
+
+    # ---- Resume: the newest valid checkpoint, every piece of state ---------------------------
+    resume_from = trainstate.find_resume_checkpoint(run_dir, cfg.run.resume, say)
+    if resume_from is not None:
+        model_state, state = ck.read_checkpoint(resume_from)
+        changes = trainstate.check_compatible(
+            state["config"], cfg, data.meta, state.get("data_meta")
+        )
+        ck.load_model_state(raw_model, model_state)
+        trainstate.restore(state, opt, prec.scaler, loader, monitor, loop)
+        if ctx.is_main:  # steps after the checkpoint are replayed: drop their old records
+            truncate_after(run_dir / "metrics.jsonl", loop.step)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
+    if resume_from is not None:
+        log.write(
+            {"event": "resume", "step": loop.step, "from": str(resume_from), "changes": changes}
+        )
+        say(
+            f"resumed from {resume_from} at step {loop.step}"
+            + (f" (changed: {'; '.join(changes)})" if changes else "")
+        )
+    if ctx.is_main:
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+    display._start_step = loop.step
+
+    tokens_per_step = loader.global_batch * cfg.model.block_size
+    flops_per_step = flops_per_token(cfg.model, vocab) * tokens_per_step
+    peak = device_peak(device, prec.name)
+    t_last, tokens_last, step_last = time.perf_counter(), loop.tokens, loop.step
+    last_save_time = time.monotonic()
+    val_loss = None
+    stop = StopRequest()
+
+    # ---- The step loop ------------------------------------------------------------------------
+    with stop.installed():
+        while loop.step < cfg.train.max_steps and stop.signum is None:
+            s = loop.step
+            # 1. the LR of this step, written into every param group (a pure function of s)
+            lr = schedule_lr(cfg.schedule, cfg.optim, s, cfg.train.max_steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            # 2. clear gradients (set_to_none: frees memory and skips a memset)
+            opt.zero_grad(set_to_none=True)
+            # 3. forward + backward over the micro-batches of this step's global batch
+            batches = loader.next()
+            if "before_backward" in hooks:
+                hooks["before_backward"](s, batches)
+            loss = forward_backward(model, batches, prec, cfg.train.grad_accum, ctx)
+            loss = _inject_faults(cfg, s, loss, raw_model)
+            # 4. fp16 only: unscale so the norm below is of the true gradients
+            prec.scaler.unscale_(opt)
+            # 5. clip; the returned norm is the PRE-clip norm, the health metric we log
+            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+            grad_norm = parallel.clip_grad_norm(model, max_norm, ctx)
+            # host sync (one per optimizer step, not per micro-batch): a non-finite step must be
+            # stopped before it touches the weights and the optimizer's moments
+            loss_f, norm_f = (
+                float(v) for v in torch.stack([loss.float(), grad_norm.float()]).tolist()
+            )
+            verdict = monitor.check_step(s + 1, loss_f, norm_f, prec.scaler.is_enabled())
+            for d in verdict.diagnoses:
+                log.write(d)
+                say(f"doctor: step {d['step']}: {d['symptom']} ({d['evidence']}): {d['fix']}")
+            # 6. the update (GradScaler skips it by itself when fp16 gradients overflowed)
+            if verdict.action == "apply":
+                prec.scaler.step(opt)
+            prec.scaler.update()
+            loop.step += 1
+            loop.tokens += tokens_per_step
+
+            # 7. log; evaluate, save at fixed intervals
+            record = {
+                "step": loop.step,
+                "train_loss": loss_f,
+                "lr": lr,
+                "grad_norm": norm_f,
+                "clipped": norm_f > max_norm,
+                "tokens": loop.tokens,
+            }
+            if verdict.action != "apply":
+                record["skipped"] = True
+            last = loop.step == cfg.train.max_steps
+            if loop.step % cfg.train.log_interval == 0 or last:
+                now = time.perf_counter()  # (CUDA: the .tolist() above already synchronised)
+                dt = (now - t_last) / max(loop.step - step_last, 1)
+                tps = (loop.tokens - tokens_last) / max(now - t_last, 1e-9)
+                record.update(
+                    tokens_per_sec=tps,
+                    step_time_s=dt,
+                    mfu=flops_per_step / dt / peak if peak else None,
+                )
+                t_last, tokens_last, step_last = now, loop.tokens, loop.step
+            evaluate_now = last or (
+                cfg.train.eval_interval and loop.step % cfg.train.eval_interval == 0
+            )
+            if evaluate_now:
+                val_loss = evaluate(model, val_batches, prec, ctx)
+                record["val_loss"] = val_loss
+            if "tokens_per_sec" in record or evaluate_now:
+                log.write(record)
+                display.update(
+                    loop.step,
+                    loss_f,
+                    record.get("tokens_per_sec", 0.0),
+                    record.get("mfu"),
+                    record.get("val_loss"),
+                )
+            if evaluate_now and val_loss < loop.best_val:
+                loop.best_val = val_loss
+                _save(
+                    ckpt_root / "best",
+                    cfg,
+                    raw_model,
+                    opt,
+                    prec,
+                    loader,
+                    monitor,
+                    loop,
+                    data.meta,
+                    ctx,
+                )
+            minutes = (time.monotonic() - last_save_time) / 60
+            if (
+                last
+                or stop.signum is not None
+                or (cfg.ckpt.interval and loop.step % cfg.ckpt.interval == 0)
+                or (cfg.ckpt.interval_minutes and minutes >= cfg.ckpt.interval_minutes)
+            ):
+                path = _save(
+                    ck.step_dir(ckpt_root, loop.step),
+                    cfg,
+                    raw_model,
+                    opt,
+                    prec,
+                    loader,
+                    monitor,
+                    loop,
+                    data.meta,
+                    ctx,
+                )
+                _rotate(ckpt_root, cfg)
+                log.write({"event": "checkpoint", "step": loop.step, "path": str(path)})
+                last_save_time = time.monotonic()
+                t_last = time.perf_counter()  # saving is not training time
+            if evaluate_now:
+                t_last = time.perf_counter()  # nor is evaluation
+            if "after_step" in hooks:
+                hooks["after_step"](loop.step, record)
+
+    if stop.signum is not None:
+        say(
+            f"stopped by signal {stop.signum} at step {loop.step}; checkpoint saved, resume with "
+            "the same command"
+        )
+        log.write({"event": "stopped", "step": loop.step, "signal": stop.signum})
+    display.close()
+    log.close()
+    parallel.shutdown(ctx)
+    return RunResult(
+        run_dir,
+        loop.step,
+        val_loss,
+        loop.best_val,
+        raw_model,
+        data.meta,
+        stopped_early=stop.signum is not None,
+    )
+
+
+def _inject_faults(cfg: Config, step: int, loss: torch.Tensor, model) -> torch.Tensor:
+    """debug.inject_*: provoke the playbook's symptoms on purpose (tests, demos). The gradients
+    are hit as well as the loss, as a bad batch or an overflow would."""
+    factor = None
+    if step + 1 == cfg.debug.inject_nan_at_step:
+        factor = float("nan")
+    elif step + 1 == cfg.debug.inject_spike_at_step:
+        factor = 1e3
+    if factor is None:
+        return loss
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor)
+    return loss * factor
+
+
+def _micro_batch(cfg: Config, ctx) -> int:
+    if cfg.train.micro_batch == "auto":
+        from stalwart.memory import auto_micro_batch
+
+        return auto_micro_batch(cfg, ctx)
+    return int(cfg.train.micro_batch)
+
+
+def _save(path, cfg, model, opt, prec, loader, monitor, loop, data_meta, ctx) -> Path:
+    model_state, state = trainstate.capture(
+        cfg, model, opt, prec.scaler, loader, monitor, loop, {"data_meta": data_meta}
+    )
+    if not ctx.is_main:
+        return path
+    info = {"step": loop.step, "best_val": loop.best_val, "tokens": loop.tokens}
+    return ck.write_checkpoint(path, model_state, state, info)
+
+
+def _rotate(ckpt_root: Path, cfg: Config) -> None:
+    """Keep the newest `keep_last` step checkpoints (plus milestones); never the only valid one."""
+    dirs = ck.step_dirs(ckpt_root)
+    keep = set(dirs[-cfg.ckpt.keep_last :])
+    for d in dirs:
+        step = int(d.name.split("_")[1])
+        milestone = cfg.ckpt.milestone_interval and step % cfg.ckpt.milestone_interval == 0
+        if d not in keep and not milestone:
+            shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,160 @@
+"""The union of everything with state: what a checkpoint holds and how a resume puts it back.
+
+Model, optimizer, GradScaler, loop counters, loader position, health monitor, every RNG, the
+resolved config and the thread count (CPU matmul results depend on it). Anything left out would
+make a resumed run start from a subtly different state (the lesson's checkpoint table).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stalwart import checkpoint as ck
+from stalwart.config import Config, to_dict
+from stalwart.errors import UserError
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps completed
+    tokens: int = 0  # training tokens seen (all ranks)
+    best_val: float = math.inf
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.tokens, self.best_val = int(d["step"]), int(d["tokens"]), d["best_val"]
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state(tuple(np_state))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) before anything random is built."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def capture(
+    cfg: Config, model, opt, scaler, loader, monitor, loop: LoopState, extra: dict | None = None
+) -> tuple[dict, dict]:
+    """(model state dict, everything else) for a checkpoint."""
+    state = {
+        "loop": loop.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict(),
+        "loader": loader.state_dict(),
+        "health": monitor.state_dict(),
+        "rng": capture_rng(),
+        "config": to_dict(cfg),
+        "threads": torch.get_num_threads(),
+        **(extra or {}),
+    }
+    return model.state_dict(), state
+
+
+def restore(state: dict, opt, scaler, loader, monitor, loop: LoopState) -> None:
+    opt.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    loader.load_state_dict(state["loader"])
+    monitor.load_state_dict(state.get("health", {}))
+    loop.load_state_dict(state["loop"])
+    restore_rng(state["rng"])
+
+
+# Settings that define *what* is trained: changing them makes the saved state meaningless.
+_IMMUTABLE = [
+    ("model", "n_layer"),
+    ("model", "n_head"),
+    ("model", "n_embd"),
+    ("model", "block_size"),
+    ("model", "vocab_size"),
+    ("model", "bias"),
+    ("optim", "name"),
+]
+
+
+def check_compatible(
+    saved: dict, cfg: Config, data_meta: dict, saved_meta: dict | None
+) -> list[str]:
+    """Refuse a resume that cannot continue the same run; return the allowed changes made."""
+    now = to_dict(cfg)
+    for sec, key in _IMMUTABLE:
+        if saved[sec][key] != now[sec][key]:
+            raise UserError(
+                f"cannot resume: the checkpoint has {sec}.{key} = {saved[sec][key]!r} but the "
+                f"config says {now[sec][key]!r}; use the old value or a new --run.dir"
+            )
+    if saved_meta is not None:
+        for key in ("tokenizer", "vocab_size"):
+            if saved_meta.get(key) != data_meta.get(key):
+                raise UserError(
+                    f"cannot resume: the checkpoint was trained on data with {key} = "
+                    f"{saved_meta.get(key)!r}, --data.dir has {data_meta.get(key)!r}"
+                )
+        old_sha = saved_meta.get("source", {}).get("sha256")
+        new_sha = data_meta.get("source", {}).get("sha256")
+        if old_sha and new_sha and old_sha != new_sha:
+            raise UserError(
+                "cannot resume: --data.dir holds a different dataset than the checkpoint was "
+                "trained on (source sha256 differs); point it at the original data or a new run.dir"
+            )
+    changes = []
+    for sec, body in now.items():
+        for key, value in body.items():
+            old = saved.get(sec, {}).get(key, value)
+            if old != value and sec not in ("run",):
+                changes.append(f"{sec}.{key}: {old!r} -> {value!r}")
+    return changes
+
+
+def find_resume_checkpoint(run_dir: Path, resume: str, report) -> Path | None:
+    """The checkpoint to resume from: newest *valid* one (auto), none (never), or a PATH."""
+    root = Path(run_dir) / "checkpoints"
+    if resume == "never":
+        if ck.step_dirs(root):
+            raise UserError(
+                f"{run_dir} already holds checkpoints and --run.resume is never: "
+                "choose a new --run.dir or resume with --run.resume auto"
+            )
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        info = ck.verify(path)
+        if not info.ok:
+            raise UserError(f"--run.resume {path}: {info.problem}")
+        return path
+    for path in reversed(ck.step_dirs(root)):
+        info = ck.verify(path)
+        if info.ok:
+            return path
+        report(f"checkpoint {path.name} is not usable ({info.problem}); trying an older one")
+    return None
