@@ -71,6 +71,9 @@ class OptimConfig:
     beta2: float = opt(0.95, "Adam second-moment decay (0.95 for LLMs)")
     eps: float = opt(1e-8, "Adam denominator epsilon")
     momentum: float = opt(0.9, "momentum for optim.name = momentum (and muon)")
+    muon_lr: float = opt(
+        0.02, "muon only: peak LR of the hidden matrices (optim.lr drives the AdamW rest)"
+    )
     grad_clip: float = opt(1.0, "clip the global grad norm to this (0 = no clipping)")
 
     @property
@@ -323,6 +326,7 @@ def validate(cfg: Config) -> None:
         ("--model.n_embd", m.n_embd),
         ("--model.block_size", m.block_size),
         ("--optim.lr", o.lr),
+        ("--optim.muon_lr", o.muon_lr),
         ("--train.max_steps", t.max_steps),
         ("--train.grad_accum", t.grad_accum),
         ("--train.log_interval", t.log_interval),
