@@ -99,6 +99,9 @@ class TrainConfig:
     log_interval: int = opt(1, "steps between metrics records / progress lines")
     compile: bool = opt(False, "torch.compile the model")
     sample_tokens: int = opt(200, "tokens of text sampled at the end of the run (0 = none)")
+    peak_flops: float = opt(
+        0.0, "peak FLOP/s that MFU is measured against (0 = the device table / CPU calibration)"
+    )
 
 
 @dataclass
@@ -347,6 +350,7 @@ def validate(cfg: Config) -> None:
         ("--model.vocab_size", m.vocab_size),
         ("--run.threads", cfg.run.threads),
         ("--debug.slow_data_ms", cfg.debug.slow_data_ms),
+        ("--train.peak_flops", t.peak_flops),
         ("--train.sample_tokens", t.sample_tokens),
     ]:
         _positive(flag, value, allow_zero=True)

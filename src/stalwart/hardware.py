@@ -1,8 +1,10 @@
 """Hardware facts in tables: peak FLOP/s by device and dtype, memory by device.
 
 An unknown device gets no peak (and so no MFU) rather than a guess: nanoGPT divides by an A100's
-peak whatever the hardware, and users saw 104% MFU on an H100. On a CPU the peak is measured: a
-timed fp32 matmul at start (cached per machine), and MFU is reported against that.
+peak whatever the hardware (users saw 104% MFU on an H100), torchtitan falls back to the A100
+figure for GPUs it does not know. Here an unknown device reports `mfu: null` with a one-line hint
+to pass the peak (`--train.peak_flops`). On a CPU the peak is measured, not looked up: a timed
+fp32 matmul with the thread count in use, cached per machine (see `measure_cpu_peak`).
 """
 
 from __future__ import annotations
@@ -11,26 +13,37 @@ import json
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 TF = 1e12
-# Dense (no sparsity) peak FLOP/s from the vendors' datasheets. "fp32" is plain IEEE fp32
-# (CUDA cores); "tf32" is what fp32 matmuls get with allow_tf32 on Ampere and later.
+# Dense (no 2:4 sparsity) peak FLOP/s from the vendors' datasheets, per GPU. "fp32" is plain IEEE
+# fp32 on the CUDA cores; "tf32" is what fp32 matmuls get when TF32 is allowed (Ampere and later);
+# "bf16"/"fp16" are tensor-core figures with fp32 accumulation, which is what autocast uses (the
+# GeForce cards run fp16-accumulate twice as fast; PyTorch does not use it).
 PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "B200": {"bf16": 2250 * TF, "fp16": 2250 * TF, "tf32": 1100 * TF},
+    "H200 NVL": {"bf16": 835 * TF, "fp16": 835 * TF, "tf32": 418 * TF, "fp32": 60 * TF},
     "H200": {"bf16": 989 * TF, "fp16": 989 * TF, "tf32": 494 * TF, "fp32": 67 * TF},
     "H100 SXM": {"bf16": 989 * TF, "fp16": 989 * TF, "tf32": 494 * TF, "fp32": 67 * TF},
     "H100 PCIe": {"bf16": 756 * TF, "fp16": 756 * TF, "tf32": 378 * TF, "fp32": 51 * TF},
     "H100 NVL": {"bf16": 835 * TF, "fp16": 835 * TF, "tf32": 418 * TF, "fp32": 60 * TF},
+    "H800": {"bf16": 989 * TF, "fp16": 989 * TF, "tf32": 494 * TF, "fp32": 67 * TF},
     "A100": {"bf16": 312 * TF, "fp16": 312 * TF, "tf32": 156 * TF, "fp32": 19.5 * TF},
+    "A800": {"bf16": 312 * TF, "fp16": 312 * TF, "tf32": 156 * TF, "fp32": 19.5 * TF},
     "A10G": {"bf16": 70 * TF, "fp16": 70 * TF, "tf32": 35 * TF, "fp32": 31.2 * TF},
+    "A10": {"bf16": 125 * TF, "fp16": 125 * TF, "tf32": 62.5 * TF, "fp32": 31.2 * TF},
+    "RTX A6000": {"bf16": 154.8 * TF, "fp16": 154.8 * TF, "tf32": 77.4 * TF, "fp32": 38.7 * TF},
     "L40S": {"bf16": 362 * TF, "fp16": 362 * TF, "tf32": 183 * TF, "fp32": 91.6 * TF},
+    "L40": {"bf16": 181 * TF, "fp16": 181 * TF, "tf32": 90.5 * TF, "fp32": 90.5 * TF},
     "L4": {"bf16": 121 * TF, "fp16": 121 * TF, "tf32": 60 * TF, "fp32": 30.3 * TF},
     "RTX 4090": {"bf16": 165 * TF, "fp16": 165 * TF, "tf32": 82.6 * TF, "fp32": 82.6 * TF},
     "RTX 3090": {"bf16": 71 * TF, "fp16": 71 * TF, "tf32": 35.6 * TF, "fp32": 35.6 * TF},
-    "V100": {"fp16": 125 * TF, "fp32": 15.7 * TF},
+    "V100": {"fp16": 125 * TF, "fp32": 15.7 * TF},  # SXM2; no bf16, no tf32
     "T4": {"fp16": 65 * TF, "fp32": 8.1 * TF},
+    "MI300X": {"bf16": 1307 * TF, "fp16": 1307 * TF, "fp32": 163.4 * TF},
 }
 
 # Device memory in bytes (what the planner's "fits?" compares against).
@@ -50,14 +63,17 @@ DEVICE_MEMORY: dict[str, int] = {
     "A10G": 24 * GiB,
 }
 
+PEAK_HINT = "pass the device's peak FLOP/s for this dtype with --train.peak_flops (e.g. 312e12)"
+
 
 def match_device(name: str) -> str | None:
     """Map a device name ('NVIDIA H100 80GB HBM3') to a PEAK_FLOPS key, or None if unknown."""
     n = name.upper()
-    if "H100" in n:
+    if "H100" in n:  # the three H100s differ by 30%: the form factor is in the name
         if "PCIE" in n:
             return "H100 PCIe"
         return "H100 NVL" if "NVL" in n else "H100 SXM"
+    # longest key first, so 'A100' is not taken for 'A10' nor 'L40S' for 'L4'
     for key in sorted(PEAK_FLOPS, key=len, reverse=True):
         if key.upper().replace("RTX ", "") in n:
             return key
@@ -72,32 +88,85 @@ def peak_flops(device_name: str, dtype: str) -> float | None:
     return PEAK_FLOPS[key].get(dtype)
 
 
+def cuda_matmul_dtype(precision: str) -> str:
+    """fp32 training runs its matmuls in TF32 when the user allowed it (either torch switch)."""
+    if precision != "fp32":
+        return precision
+    with warnings.catch_warnings():  # allow_tf32 is deprecated in favour of fp32_precision
+        warnings.simplefilter("ignore")
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        tf32 |= getattr(torch.backends.cuda.matmul, "fp32_precision", "") == "tf32"
+    return "tf32" if tf32 or torch.get_float32_matmul_precision() != "highest" else "fp32"
+
+
+# ---- CPU: a measured peak ------------------------------------------------------------------------
+
+# The shapes the calibration times: squares that reach the BLAS's best, and the (B*T, C) x (C, 4C)
+# shape of a small GPT's MLP. The peak is the best of all of them, so MFU is never flattered by a
+# calibration matmul that happened to be slower than the model's own.
+CALIBRATION_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 256, 1024))
+
+
+def _matmul_rate(m: int, k: int, n: int, deadline: float) -> float:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    out = torch.empty(m, n)
+    torch.mm(a, b, out=out)  # warm-up: thread pool, page faults, caches, clocks
+    best = 0.0
+    reps = 0
+    while reps < 3 or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = max(best, 2 * m * k * n / (time.perf_counter() - t0))
+        reps += 1
+        if reps >= 200:
+            break
+    return best
+
+
+def measure_cpu_peak(seconds: float = 1.5, shapes=CALIBRATION_SHAPES) -> float:
+    """Sustained fp32 matmul FLOP/s of this CPU with the current torch thread count.
+
+    Best-of many single matmuls per shape, best over the shapes: the best a timing can show is
+    what the hardware *can* do (a noisy neighbour only ever makes a matmul slower), so best-of is
+    the right statistic for a peak, as a median is for a run.
+    """
+    per_shape = seconds / len(shapes)
+    best = 0.0
+    for m, k, n in shapes:
+        best = max(best, _matmul_rate(m, k, n, time.perf_counter() + per_shape))
+    return best
+
+
 def _cache_path() -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stalwart"
     return root / "cpu_peak.json"
 
 
-def measure_cpu_peak(n: int = 1024, seconds: float = 1.0) -> float:
-    """Best-of timed fp32 matmuls (n x n): what this CPU's BLAS can actually sustain."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b  # warm-up: thread pool, caches, frequency
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        dt = time.perf_counter() - t0
-        best = max(best, 4 * 2 * n**3 / dt)
-    return best
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_cache_key() -> str:
+    """Machine, CPU, core count, torch build (its BLAS) and the thread count in use."""
+    parts = (platform.node(), _cpu_model(), os.cpu_count(), torch.__version__)
+    return "|".join(map(str, parts)) + f"|threads={torch.get_num_threads()}"
 
 
 def cpu_peak_flops(refresh: bool = False) -> float:
-    """Calibrated fp32 peak of this CPU with the current thread count, cached per machine."""
-    key = f"{platform.node()}|{platform.processor()}|{os.cpu_count()}|{torch.get_num_threads()}"
+    """Calibrated fp32 peak of this CPU with the current thread count, cached per machine.
+
+    A calibration taken while the machine was busy reads low, which would inflate every MFU
+    after it: `refresh=True` measures again and keeps the higher of the two figures.
+    """
+    key = cpu_cache_key()
     path = _cache_path()
-    cache = {}
+    cache: dict = {}
     if path.is_file():
         try:
             cache = json.loads(path.read_text())
@@ -105,31 +174,51 @@ def cpu_peak_flops(refresh: bool = False) -> float:
             cache = {}
     if key in cache and not refresh:
         return float(cache[key])
-    peak = measure_cpu_peak()
+    peak = max(measure_cpu_peak(), float(cache.get(key, 0.0)))
     cache[key] = peak
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cache, indent=2))
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=2))
+        os.replace(tmp, path)  # concurrent runs never read a half-written cache
     except OSError:
         pass  # a read-only home only costs a re-measurement next time
     return peak
 
 
+# ---- The peak a run's MFU is measured against ----------------------------------------------------
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()})"
+    if device.type == "cpu":
+        return f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads)"
+    return device.type
+
+
+def describe_peak(
+    device: torch.device, precision: str, override: float = 0.0
+) -> tuple[float | None, str]:
+    """(peak FLOP/s or None, where it comes from / what to do): an override, the table for the
+    dtype the matmuls run in, or (CPU, fp32) the calibration."""
+    if override > 0:
+        return override, "--train.peak_flops"
+    name = device_name(device)
+    if device.type == "cpu":
+        if precision != "fp32":
+            return None, f"no {precision} peak for {name} (only fp32 is calibrated); {PEAK_HINT}"
+        return cpu_peak_flops(), f"calibrated fp32 matmul, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        dtype = cuda_matmul_dtype(precision)
+        key = match_device(name)
+        peak = PEAK_FLOPS[key].get(dtype) if key else None
+        if peak is None:
+            return None, f"no {dtype} peak known for {name!r}; {PEAK_HINT}"
+        return peak, f"datasheet {key} {dtype}"
+    return None, f"no peak known for {name}; {PEAK_HINT}"
 
 
 def device_peak(device: torch.device, precision: str, override: float = 0.0) -> float | None:
-    """The peak MFU is measured against: an override, the table, or (CPU) the calibration."""
-    if override > 0:
-        return override
-    if device.type == "cpu":
-        return cpu_peak_flops() if precision == "fp32" else None
-    if device.type == "cuda":
-        dtype = precision
-        if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
-            dtype = "tf32"
-        return peak_flops(device_name(device), dtype)
-    return None
+    """The peak MFU is measured against, or None (then MFU is null, never a guess)."""
+    return describe_peak(device, precision, override)[0]

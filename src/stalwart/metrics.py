@@ -94,6 +94,134 @@ def fmt_rate(tps: float) -> str:
     return f"{tps:.0f} tok/s"
 
 
+# ---- Throughput: tokens/s, MFU, HFU and where a step's time goes ---------------------------------
+
+
+def utilization(flops_per_step: float, step_time_s: float, peak: float | None) -> float | None:
+    """Achieved / peak FLOP/s: MFU with model FLOPs, HFU with hardware FLOPs. None without a
+    peak (an unknown device gets no number rather than a guess)."""
+    if not peak or step_time_s <= 0:
+        return None
+    return flops_per_step / step_time_s / peak
+
+
+PHASES = ("data_wait", "fwd_bwd", "optim")
+
+
+class StepTimer:
+    """Where the time of the steps of a log interval goes: waiting for data, forward+backward,
+    optimizer (unscale, clip, the health check's sync, the update) and overhead (the rest:
+    logging, LR, zero_grad, hooks). Evaluation and checkpoints are not training time (`skip`).
+
+    CPU: perf_counter at each phase boundary (CPU ops are synchronous). CUDA: an event recorded
+    on the stream at each boundary and read at the log boundary, after one synchronize: kernels
+    run asynchronously, so host timestamps would charge a phase's GPU work to whichever later
+    phase happens to wait for it. No sync is ever added per step or per micro-batch.
+    """
+
+    def __init__(self, device):
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+        self.t0 = time.perf_counter()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps, self.excluded = 0, 0.0
+        self.sums = dict.fromkeys(PHASES, 0.0)
+        self._events: list = []  # CUDA: (phase, start event, end event), read at the boundary
+        self._last = None
+        self._host_lap = self.t0
+
+    def _now(self):
+        if self.cuda:
+            import torch
+
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def step_start(self) -> None:
+        self._last = self._now()
+
+    def lap(self, phase: str) -> None:
+        """The phase `phase` of this step ended now; the next phase starts now."""
+        now = self._now()
+        if self.cuda:
+            self._events.append((phase, self._last, now))
+        else:
+            self.sums[phase] += now - self._last
+        self._last = now
+        self._host_lap = time.perf_counter()
+        if phase == PHASES[-1]:
+            self.steps += 1
+
+    def skip(self) -> None:
+        """The time since this step's last phase ended was not training (eval, checkpoint)."""
+        now = time.perf_counter()
+        self.excluded += now - max(self._host_lap, self.t0)
+        self._host_lap = now
+
+    def read(self) -> dict:
+        """Per-step means over the interval, then start the next interval."""
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()  # host sync: once per log interval, to read the events
+            for phase, a, b in self._events:
+                self.sums[phase] += a.elapsed_time(b) / 1000
+        now = time.perf_counter()
+        n = max(self.steps, 1)
+        step_time = max(now - self.t0 - self.excluded, 1e-9) / n
+        out = {"steps": self.steps, "step_time_s": step_time}
+        for phase in PHASES:
+            out[f"{phase}_s"] = self.sums[phase] / n
+        busy = sum(out[f"{p}_s"] for p in PHASES)
+        out["overhead_s"] = max(step_time - busy, 0.0)
+        out["data_wait_frac"] = min(out["data_wait_s"] / step_time, 1.0)
+        self.t0 = now
+        self._reset()
+        return out
+
+
+def throughput_record(
+    timing: dict,
+    tokens_per_step: int,
+    flops_per_step: float,
+    hw_flops_per_step: float,
+    peak: float | None,
+) -> dict:
+    """The metrics.jsonl fields of a log interval from a `StepTimer.read()`."""
+    dt = timing["step_time_s"]
+    return {
+        "tokens_per_sec": tokens_per_step / dt,
+        "step_time_s": dt,
+        "mfu": utilization(flops_per_step, dt, peak),
+        "hfu": utilization(hw_flops_per_step, dt, peak),
+        "data_wait_s": timing["data_wait_s"],
+        "fwd_bwd_s": timing["fwd_bwd_s"],
+        "optim_s": timing["optim_s"],
+        "overhead_s": timing["overhead_s"],
+        "data_wait_frac": timing["data_wait_frac"],
+    }
+
+
+class Smoothed:
+    """Exponential moving average with bias correction (as Adam's moments, and llm.c's tok/s):
+    the first values are not dragged towards zero."""
+
+    def __init__(self, decay: float = 0.9):
+        self.decay, self._avg, self._n = decay, 0.0, 0
+
+    def add(self, x: float) -> float:
+        self._avg = self.decay * self._avg + (1 - self.decay) * x
+        self._n += 1
+        return self.value
+
+    @property
+    def value(self) -> float | None:
+        return self._avg / (1 - self.decay**self._n) if self._n else None
+
+
 class Progress:
     """A one-line progress bar on a terminal; plain periodic lines otherwise (logs, CI)."""
 
@@ -110,9 +238,11 @@ class Progress:
         self.tty = enabled and self.stream.isatty()
         self.plain_every_s = plain_every_s
         self._last_plain = -math.inf
-        self._smooth_tps = None
         self._start_step = start
         self._t0 = time.monotonic()
+        self._tps = Smoothed()  # tokens/s as logged (training time only)
+        self._step_wall = Smoothed()  # wall seconds per step, eval and checkpoints included
+        self._last_wall: tuple[float, int] | None = None
 
     def update(
         self,
@@ -121,25 +251,28 @@ class Progress:
         tokens_per_sec: float,
         mfu: float | None,
         val_loss: float | None = None,
+        data_wait_frac: float | None = None,
     ) -> None:
         if not self.enabled:
             return
-        # exponential smoothing: the ETA should not jump with every noisy step
-        a = 0.1
-        self._smooth_tps = (
-            tokens_per_sec
-            if self._smooth_tps is None
-            else ((1 - a) * self._smooth_tps + a * tokens_per_sec)
-        )
-        elapsed = time.monotonic() - self._t0
-        done = step - self._start_step
-        eta = elapsed / done * (self.total - step) if done > 0 else math.inf
+        # smoothed, so the display and the ETA do not jump with every noisy step
+        tps = self._tps.add(tokens_per_sec) if tokens_per_sec else self._tps.value
+        now = time.monotonic()
+        since, at = self._last_wall or (self._t0, self._start_step)
+        if step > at:
+            self._step_wall.add((now - since) / (step - at))
+        self._last_wall = (now, step)
+        per_step = self._step_wall.value
+        eta = per_step * (self.total - step) if per_step is not None else math.inf
         parts = [f"step {step}/{self.total}", f"loss {loss:.4f}"]
         if val_loss is not None:
             parts.append(f"val {val_loss:.4f}")
-        parts.append(fmt_rate(self._smooth_tps))
+        if tps is not None:
+            parts.append(fmt_rate(tps))
         if mfu is not None:
             parts.append(f"MFU {100 * mfu:.1f}%")
+        if data_wait_frac is not None and data_wait_frac >= 0.05:
+            parts.append(f"data wait {100 * data_wait_frac:.0f}%")  # the loader is falling behind
         parts.append(f"ETA {fmt_duration(eta)}")
         text = " | ".join(parts)
         if self.tty:

@@ -147,17 +147,49 @@ def num_params(cfg: ModelConfig, vocab_size: int) -> dict[str, int]:
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int) -> int:
-    """Training FLOPs per token: 6 N + 12 L T C (forward + backward, matmuls only).
+    """Model FLOPs per trained token, the numerator of MFU: 6 N + 12 L T C (matmuls only).
 
-    N counts every parameter that takes part in a matmul: the blocks and the tied wte/lm_head
-    (the head is a (C x V) matmul on every token). It leaves out wpe (a lookup, no matmul), layer
-    norms and biases (element-wise, negligible). The attention term is the two T x T matmuls
-    (QK^T and AV): 2 * 2 * T * C per token per layer forward, x3 for forward + backward.
-    Causal masking halves the useful work, but like nanoGPT and PaLM we count the full square.
+    Convention (each public loop picks its own; the differences are a few percent):
+      * N = the parameters that take part in a matmul: the blocks' four weight matrices
+        (12 L C^2) and the tied wte/lm_head once (V C: the head is a (C x V) matmul on every
+        token). Left out: wpe (a lookup, no matmul), layer norms and biases (element-wise).
+        nanoGPT takes all parameters minus wpe (so it also counts norms and biases); llm.c takes
+        all parameters, wpe included.
+      * 2 FLOPs per multiply-add, forward 2N, backward 4N (gradients of inputs and of weights).
+      * Attention: QK^T and AV are 2 * 2 T C FLOPs per token per layer forward, x3 with backward
+        = 12 L T C. Like nanoGPT and PaLM (appendix B) we count the full T x T square although
+        causal masking leaves half of it unused; llm.c counts half (6 L T C).
+    This is exactly what `torch.utils.flop_counter.FlopCounterMode` counts for one forward and
+    backward when attention runs as plain matmuls (tests/test_flops.py).
     """
     C, L, T = cfg.n_embd, cfg.n_layer, cfg.block_size
     matmul_params = L * 12 * C * C + vocab_size * C
     return 6 * matmul_params + 12 * L * T * C
+
+
+def recomputed_blocks(cfg: ModelConfig) -> int:
+    """How many blocks activation checkpointing recomputes in backward (full / every:K)."""
+    kind, every = parse_activation_checkpointing(cfg.activation_checkpointing)
+    if kind == "full":
+        return cfg.n_layer
+    if kind == "every":
+        return len(range(0, cfg.n_layer, every))  # blocks 0, K, 2K, ... (GPT.set_...)
+    return 0
+
+
+def hardware_flops_per_token(cfg: ModelConfig, vocab_size: int) -> int:
+    """FLOPs the hardware executes per token, the numerator of HFU: the model FLOPs plus the
+    forward work activation checkpointing repeats in backward.
+
+    A checkpointed block is recomputed from its input up to the last tensor backward needs.
+    torch's non-reentrant checkpoint stops there (early stop, on by default), so the MLP's
+    down-projection, whose output nothing saves, is not recomputed: 2 (3 + 1 + 4) C^2 = 16 C^2
+    of the block's 24 C^2 weight FLOPs, plus the 4 T C of attention. `selective` recomputes
+    only element-wise work (norms, GELU) and no matmuls, so it adds nothing here.
+    """
+    C, T = cfg.n_embd, cfg.block_size
+    per_block = 16 * C * C + 4 * T * C
+    return flops_per_token(cfg, vocab_size) + recomputed_blocks(cfg) * per_block
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> GPT:

@@ -20,10 +20,10 @@ from stalwart import parallel, trainstate
 from stalwart.config import Config, to_toml
 from stalwart.data import BatchLoader, eval_batches, open_dataset
 from stalwart.errors import UserError
-from stalwart.hardware import device_peak
+from stalwart.hardware import describe_peak
 from stalwart.health import build_monitor
-from stalwart.metrics import MetricsLog, Progress, truncate_after
-from stalwart.model import build_model, flops_per_token
+from stalwart.metrics import MetricsLog, Progress, StepTimer, throughput_record, truncate_after
+from stalwart.model import build_model, flops_per_token, hardware_flops_per_token
 from stalwart.optim import build_optimizer
 from stalwart.precision import build_precision
 from stalwart.schedule import schedule_lr
@@ -183,8 +183,11 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
 
     tokens_per_step = loader.global_batch * cfg.model.block_size
     flops_per_step = flops_per_token(cfg.model, vocab) * tokens_per_step
-    peak = device_peak(device, prec.name)
-    t_last, tokens_last, step_last = time.perf_counter(), loop.tokens, loop.step
+    hw_flops_per_step = hardware_flops_per_token(cfg.model, vocab) * tokens_per_step  # HFU
+    peak, peak_note = describe_peak(device, prec.name, cfg.train.peak_flops)
+    if peak is None:
+        say(f"MFU: n/a ({peak_note})")
+    timer = StepTimer(device)  # tokens/s and where the step time goes, per log interval
     last_save_time = time.monotonic()
     val_loss = None
     stop = StopRequest()
@@ -200,10 +203,13 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
             # 2. clear gradients (set_to_none: frees memory and skips a memset)
             opt.zero_grad(set_to_none=True)
             # 3. forward + backward over the micro-batches of this step's global batch
+            timer.step_start()
             batches = loader.next()
+            timer.lap("data_wait")
             if "before_backward" in hooks:
                 hooks["before_backward"](s, batches)
             loss = forward_backward(model, batches, prec, cfg.train.grad_accum, ctx)
+            timer.lap("fwd_bwd")
             loss = _inject_faults(cfg, s, loss, raw_model)
             # 4. fp16 only: unscale so the norm below is of the true gradients
             prec.scaler.unscale_(opt)
@@ -223,6 +229,7 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
             if verdict.action == "apply":
                 prec.scaler.step(opt)
             prec.scaler.update()
+            timer.lap("optim")
             loop.step += 1
             loop.tokens += tokens_per_step
 
@@ -239,15 +246,12 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
                 record["skipped"] = True
             last = loop.step == cfg.train.max_steps
             if loop.step % cfg.train.log_interval == 0 or last:
-                now = time.perf_counter()  # (CUDA: the .tolist() above already synchronised)
-                dt = (now - t_last) / max(loop.step - step_last, 1)
-                tps = (loop.tokens - tokens_last) / max(now - t_last, 1e-9)
+                timing = timer.read()  # CUDA: one sync per log interval, none per step
                 record.update(
-                    tokens_per_sec=tps,
-                    step_time_s=dt,
-                    mfu=flops_per_step / dt / peak if peak else None,
+                    throughput_record(
+                        timing, tokens_per_step, flops_per_step, hw_flops_per_step, peak
+                    )
                 )
-                t_last, tokens_last, step_last = now, loop.tokens, loop.step
             evaluate_now = last or (
                 cfg.train.eval_interval and loop.step % cfg.train.eval_interval == 0
             )
@@ -262,6 +266,7 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
                     record.get("tokens_per_sec", 0.0),
                     record.get("mfu"),
                     record.get("val_loss"),
+                    record.get("data_wait_frac"),
                 )
             if evaluate_now and val_loss < loop.best_val:
                 loop.best_val = val_loss
@@ -299,9 +304,9 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
                 _rotate(ckpt_root, cfg)
                 log.write({"event": "checkpoint", "step": loop.step, "path": str(path)})
                 last_save_time = time.monotonic()
-                t_last = time.perf_counter()  # saving is not training time
+                timer.skip()  # saving is not training time
             if evaluate_now:
-                t_last = time.perf_counter()  # nor is evaluation
+                timer.skip()  # nor is evaluation
             if "after_step" in hooks:
                 hooks["after_step"](loop.step, record)
 
