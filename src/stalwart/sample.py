@@ -1,17 +1,29 @@
-"""Text generation from a trained model: temperature, top-k, greedy, streamed."""
+"""Text generation from a trained model: temperature, top-k, greedy, streamed.
+
+`load_any(PATH)` takes a run directory (its newest valid checkpoint), a checkpoint directory,
+or an exported directory (`stalwart export --format hf|safetensors`, or any Hugging Face GPT-2
+directory on disk): the artifact is checked by sampling from it with the same code.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from stalwart import checkpoint as ck
-from stalwart.config import from_dict
+from stalwart.config import ModelConfig, from_dict
 from stalwart.errors import UserError
 from stalwart.model import GPT, build_model
-from stalwart.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from stalwart.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    TiktokenGPT2,
+    Tokenizer,
+    load_tokenizer,
+)
 
 
 @torch.no_grad()
@@ -59,7 +71,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     best = p / "checkpoints" / "best"
     if best.is_dir() and ck.verify(best).ok:
         return best
-    raise UserError(f"{p} holds no valid checkpoint: pass a run dir or a checkpoint dir")
+    raise UserError(
+        f"{p} holds no valid checkpoint: pass a run dir, a checkpoint dir or an exported dir"
+    )
 
 
 def read_meta(ckpt_dir: Path) -> tuple[dict, dict]:
@@ -75,6 +89,52 @@ def load_model(ckpt_dir: Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dic
     ck.load_model_state(model, ck.read_model_state(ckpt_dir))
     model.to(device).eval()
     return model, checkpoint_tokenizer(ckpt_dir, meta, cfg.data.dir), meta
+
+
+def is_exported(path: Path) -> bool:
+    """An export or a Hugging Face directory (config.json), not a stalwart run or checkpoint."""
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / ck.MANIFEST).is_file()
+
+
+def load_exported(path: Path, device: str = "cpu") -> tuple[GPT, Tokenizer]:
+    """A model from an exported (or Hugging Face GPT-2) directory, in fp32, and its tokenizer."""
+    from stalwart.gpt2_weights import read_source
+
+    sd, src = read_source(path)
+    if not src.get("n_head"):
+        raise UserError(f"{path}/config.json does not say n_head")
+    cfg = ModelConfig(
+        n_layer=src["n_layer"],
+        n_head=src["n_head"],
+        n_embd=src["n_embd"],
+        block_size=src["block_size"],
+        vocab_size=src["vocab_size"],
+        bias=src["bias"],
+    )
+    model = build_model(cfg, src["vocab_size"])
+    ck.load_model_state(model, sd)  # bf16/fp16 exports are upcast into the fp32 model
+    return model.to(device).eval(), exported_tokenizer(Path(path), src["vocab_size"])
+
+
+def exported_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
+    info = path / "stalwart.json"
+    spec = json.loads(info.read_text()).get("tokenizer") if info.is_file() else None
+    if spec == "byte":
+        return ByteTokenizer()
+    if (path / "tokenizer.json").is_file():
+        return HFTokenizer.load(path / "tokenizer.json", spec or "tokenizer.json")
+    if spec == "gpt2" or vocab_size in (50257, 50304):
+        return TiktokenGPT2()
+    raise UserError(f"{path} has no tokenizer.json: cannot turn text into ids for this model")
+
+
+def load_any(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer]:
+    """Run dir, checkpoint dir or exported dir -> (model in eval mode, tokenizer)."""
+    if is_exported(Path(path)):
+        return load_exported(Path(path), device)
+    model, tok, _ = load_model(resolve_checkpoint(path), device)
+    return model, tok
 
 
 def checkpoint_tokenizer(ckpt_dir: Path, meta: dict, data_dir: str) -> Tokenizer:
@@ -114,4 +174,7 @@ def sample_text(
                 printed[0] = len(text)
 
     generate(model, idx, max_new_tokens, temperature, top_k, gen, on_token)
-    return prompt + tok.decode(out_ids)
+    text = tok.decode(out_ids)
+    if stream and len(text) > printed[0]:  # what was held back (an incomplete UTF-8 tail)
+        stream(text[printed[0] :])
+    return prompt + text
