@@ -42,15 +42,15 @@ def cmd_train(args, rest) -> int:
 
     cfg = load_config(args.config, rest)
     result = train(cfg, progress=not args.quiet)
-    print_run_summary(cfg, result)
+    if result.is_main:  # one report per job, not one per rank
+        print_run_summary(cfg, result)
     return 0
 
 
 def cmd_sample(args, rest) -> int:
-    from stalwart.sample import load_model, resolve_checkpoint, sample_text
+    from stalwart.sample import load_any, sample_text
 
-    ckpt = resolve_checkpoint(args.path)
-    model, tok, _ = load_model(ckpt, args.device)
+    model, tok = load_any(args.path, args.device)
 
     def stream(s):
         sys.stdout.write(s)
@@ -71,10 +71,31 @@ def cmd_sample(args, rest) -> int:
     return 0
 
 
+def cmd_export(args, rest) -> int:
+    from stalwart.export import export
+
+    r = export(args.path, args.format, args.out, args.dtype, args.force)
+    print(
+        f"{r['out']}: {args.format} export of {r['checkpoint']} (step {r['step']}), "
+        f"{r['params'] / 1e6:.2f}M parameters, {args.dtype}"
+    )
+    for note in r["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
 def cmd_ckpt(args, rest) -> int:
     from stalwart.ckpt_cli import run_ckpt
 
     return run_ckpt(args.action, Path(args.run_dir))
+
+
+def cmd_experiment(args, rest) -> int:
+    from stalwart.experiments import run_experiment
+
+    report = run_experiment(args.name, args.out, args.quick, args.data)
+    print(f"report: {report}")
+    return 0
 
 
 def cmd_config(args, rest) -> int:
@@ -109,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress display")
     s.set_defaults(fn=cmd_train, overrides=True)
 
-    s = sub.add_parser("sample", help="generate text from a run or checkpoint")
-    s.add_argument("path", help="RUN_DIR or CKPT_DIR")
+    s = sub.add_parser("sample", help="generate text from a run, checkpoint or exported dir")
+    s.add_argument("path", help="RUN_DIR, CKPT_DIR or an exported dir (hf or safetensors)")
     s.add_argument("--prompt", default="", help="text to continue")
     s.add_argument("--max-new-tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -118,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("export", help="write a checkpoint as a Hugging Face / safetensors dir")
+    s.add_argument("path", help="RUN_DIR (its newest valid checkpoint) or CKPT_DIR")
+    s.add_argument("--format", choices=["hf", "safetensors"], default="hf")
+    s.add_argument("--out", required=True, help="directory to create")
+    s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    s.add_argument("--force", action="store_true", help="replace an existing --out")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("ckpt", help="list or verify a run's checkpoints")
     s.add_argument("action", choices=["list", "verify"])
@@ -127,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("config", help="print every config field, or the resolved config")
     _config_args(s)
     s.set_defaults(fn=cmd_config, overrides=True)
+
+    s = sub.add_parser("experiment", help="run a reproducible experiment: report.md + plots")
+    s.add_argument("name", help="e.g. optimizers (see docs/)")
+    s.add_argument("--out", help="results directory (default experiments/NAME)")
+    s.add_argument("--quick", action="store_true", help="CI-sized smoke run (seconds)")
+    s.add_argument("--data", help="prepared dataset dir (default data/stdlib-byte, made if missing)")
+    s.set_defaults(fn=cmd_experiment)
     return p
 
 
