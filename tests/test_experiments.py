@@ -1,0 +1,66 @@
+"""`stalwart experiment`: the optimizers experiment end to end (--quick), and the shared helpers."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from stalwart.cli import main
+from stalwart.errors import UserError
+from stalwart.experiments import EXPERIMENTS, command_line, run_experiment
+from stalwart.experiments.common import ensure_dataset, markdown_table, smooth, to_flags
+from stalwart.metrics import read_metrics
+
+NAMES = ["sgd", "momentum", "adam", "adamw", "muon"]
+
+
+def test_optimizers_quick_writes_report_and_plot(tmp_path, tiny_data):
+    out = tmp_path / "exp"
+    report = run_experiment("optimizers", out, quick=True, data_dir=tiny_data)
+    assert report == out / "report.md"
+    text = report.read_text()
+    png = out / "loss_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "![loss curves](loss_curves.png)" in text
+    assert f"stalwart experiment optimizers --out {out} --quick --data {tiny_data}" in text
+    assert "cpu:" in text and "torch:" in text and "## Conclusion" in text
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(\w+)` \|.*$", text, re.M)}
+    assert list(rows) == NAMES
+    # state / fp32 weights column: 0x, 1x, 2x, 2x, and Muon in between
+    ratios = {n: float(re.findall(r"\| ([\d.]+)x \|", rows[n])[0]) for n in NAMES}
+    assert ratios["sgd"] == 0 and ratios["momentum"] == 1 and ratios["adam"] == 2
+    assert ratios["adamw"] == 2 and 1 < ratios["muon"] < 2
+    # every run went through the real loop: same steps, its own records and checkpoint
+    for n in NAMES:
+        records = read_metrics(out / "runs" / n / "metrics.jsonl")
+        assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 13))
+        assert any("val_loss" in r for r in records)
+        assert (out / "runs" / n / "checkpoints" / "step_00000012" / "manifest.json").is_file()
+    assert (out / ".gitignore").read_text() == "runs/\n"
+
+
+def test_unknown_experiment_is_a_user_error(tmp_path, tiny_data, capsys):
+    with pytest.raises(UserError, match="unknown experiment 'nope'"):
+        run_experiment("nope", tmp_path, quick=True, data_dir=tiny_data)
+    assert main(["experiment", "nope", "--out", str(tmp_path), "--quick"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown experiment")
+    assert "optimizers" in EXPERIMENTS
+
+
+def test_common_helpers(tmp_path, tiny_data):
+    assert ensure_dataset(tiny_data) == tiny_data
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "x.txt").write_text("not a dataset")
+    with pytest.raises(UserError, match="no prepared dataset"):
+        ensure_dataset(junk)
+    assert to_flags({"optim.lr": 0.5, "model.bias": False}) == [
+        "--optim.lr",
+        "0.5",
+        "--model.bias",
+        "false",
+    ]
+    assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # bias-corrected EMA
+    assert markdown_table(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
+    assert command_line("optimizers", tmp_path, False, None).endswith(f"--out {tmp_path}")
