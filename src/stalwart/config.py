@@ -111,6 +111,12 @@ class CkptConfig:
     keep_last: int = opt(3, "ring buffer: how many step_* checkpoints to keep")
     milestone_interval: int = opt(0, "keep every checkpoint at a multiple of this step forever")
     async_save: bool = opt(False, "snapshot to CPU memory and write on a background thread")
+    resume_check: str = opt(
+        "strict",
+        "after a restore, recompute a fixed probe batch's loss: strict (refuse on a mismatch), "
+        "warn (diagnosis record, continue) or off",
+        ("strict", "warn", "off"),
+    )
 
 
 @dataclass
@@ -124,6 +130,12 @@ class HealthConfig:
     max_rollbacks: int = opt(3, "rollback budget; past it the run stops with a diagnosis")
     lr_backoff: float = opt(0.5, "after a rollback, multiply the LR by this for a while")
     backoff_steps: int = opt(100, "steps the lowered LR lasts after a rollback")
+    early_steps: int = opt(10, "a non-finite loss within this many steps is 'at once' (LR/warmup)")
+    nan_patience: int = opt(3, "consecutive non-finite steps before skip escalates (rollback/stop)")
+    grace_steps: int = opt(50, "trend detectors (clip, plateau, throughput) start after this step")
+    clip_factor: float = opt(2.0, "'constantly clipped' also needs median norm >= this x grad_clip")
+    plateau_lr: float = opt(1e-5, "'plateau': the loss is flat while the LR is below this")
+    throughput_drop: float = opt(0.5, "diagnose tokens/s below this fraction of its rolling median")
 
 
 @dataclass
@@ -131,11 +143,28 @@ class DebugConfig:
     inject_nan_at_step: int = opt(-1, "fault injection: make the loss NaN at this step")
     inject_spike_at_step: int = opt(-1, "fault injection: multiply the loss by 1e3 at this step")
     slow_data_ms: float = opt(0.0, "fault injection: sleep this long in every batch fetch")
+    pause_in_save_s: float = opt(0.0, "test/demo only: sleep in every save before its manifest")
+    pause_in_eval_s: float = opt(0.0, "test/demo only: sleep at the start of every evaluation")
+    inject_rank: int = opt(-1, "fault injection: only on this rank (-1 = every rank)")
+    repeat_batches: bool = opt(False, "fault injection: the loader returns the same batch forever")
+    drop_optimizer_state_on_resume: bool = opt(
+        False, "fault injection: resume without the optimizer's moments (a broken resume)"
+    )
 
 
 @dataclass
 class ParallelConfig:
-    mode: str = opt("none", "data parallelism", ("none", "ddp", "fsdp", "zero1"))
+    mode: str = opt(
+        "none", "data parallelism (ddp|fsdp|zero1 under torchrun)", ("none", "ddp", "fsdp", "zero1")
+    )
+    backend: str = opt(
+        "auto", "auto (nccl on CUDA, gloo on CPU), nccl or gloo", ("auto", "nccl", "gloo")
+    )
+    timeout_minutes: float = opt(10.0, "a collective waiting longer than this fails (dead peer)")
+    bucket_mb: int = opt(25, "ddp/zero1: gradient all-reduce bucket size in MB")
+    reshard_after_forward: bool = opt(
+        True, "fsdp: free each block's gathered weights after forward (false: ZeRO-2-like)"
+    )
 
 
 @dataclass
@@ -336,6 +365,8 @@ def validate(cfg: Config) -> None:
         ("--train.eval_batches", t.eval_batches),
         ("--ckpt.keep_last", c.keep_last),
         ("--health.window", h.window),
+        ("--parallel.timeout_minutes", cfg.parallel.timeout_minutes),
+        ("--parallel.bucket_mb", cfg.parallel.bucket_mb),
     ]:
         _positive(flag, value)
     for flag, value in [
@@ -350,6 +381,8 @@ def validate(cfg: Config) -> None:
         ("--model.vocab_size", m.vocab_size),
         ("--run.threads", cfg.run.threads),
         ("--debug.slow_data_ms", cfg.debug.slow_data_ms),
+        ("--debug.pause_in_save_s", cfg.debug.pause_in_save_s),
+        ("--debug.pause_in_eval_s", cfg.debug.pause_in_eval_s),
         ("--train.peak_flops", t.peak_flops),
         ("--train.sample_tokens", t.sample_tokens),
     ]:
@@ -385,6 +418,25 @@ def validate(cfg: Config) -> None:
     if not 0.0 < h.lr_backoff <= 1.0:
         raise UserError(f"--health.lr_backoff must be in (0, 1], got {h.lr_backoff}")
     _positive("--health.max_rollbacks", h.max_rollbacks, allow_zero=True)
+    for flag, value in [
+        ("--health.spike_zscore", h.spike_zscore),
+        ("--health.nan_patience", h.nan_patience),
+        ("--health.clip_factor", h.clip_factor),
+        ("--health.plateau_lr", h.plateau_lr),
+    ]:
+        _positive(flag, value)
+    for flag, value in [
+        ("--health.backoff_steps", h.backoff_steps),
+        ("--health.early_steps", h.early_steps),
+        ("--health.grace_steps", h.grace_steps),
+    ]:
+        _positive(flag, value, allow_zero=True)
+    for flag, value in [
+        ("--health.clip_rate", h.clip_rate),
+        ("--health.throughput_drop", h.throughput_drop),
+    ]:
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{flag} must be in [0, 1], got {value}")
 
 
 def parse_activation_checkpointing(spec: str) -> tuple[str, int]:

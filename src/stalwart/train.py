@@ -6,8 +6,8 @@ Read it top to bottom; the details live in the components it calls.
 from __future__ import annotations
 
 import math
-import shutil
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from stalwart import checkpoint as ck
 from stalwart import parallel, trainstate
+from stalwart.ckpt_manager import TrainParts, build_checkpoint_manager
 from stalwart.config import Config, to_toml
 from stalwart.data import BatchLoader, eval_batches, open_dataset
 from stalwart.errors import UserError
 from stalwart.hardware import describe_peak
 from stalwart.health import build_monitor
-from stalwart.metrics import MetricsLog, Progress, StepTimer, throughput_record, truncate_after
+from stalwart.metrics import MetricsLog, Progress, StepTimer, throughput_record
 from stalwart.model import build_model, flops_per_token, hardware_flops_per_token
 from stalwart.optim import build_optimizer
 from stalwart.precision import build_precision
@@ -39,6 +39,8 @@ class RunResult:
     model: torch.nn.Module
     data_meta: dict
     stopped_early: bool = False
+    stop_signal: int | None = None  # SIGTERM/SIGINT that stopped the run (after a checkpoint)
+    is_main: bool = True  # rank 0 (the one that reports) of a distributed run
 
 
 def forward_backward(model, micro_batches, prec, grad_accum: int, ctx) -> torch.Tensor:
@@ -80,6 +82,9 @@ class StopRequest:
         previous = {}
 
         def handler(signum, frame):
+            if self.signum is not None:  # a second signal: die now (checkpoints are atomic)
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
             self.signum = signum
 
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -110,7 +115,6 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
         torch.set_num_threads(cfg.run.threads)
     trainstate.seed_everything(cfg.run.seed)  # before anything random is built
     run_dir = prepare_run_dir(cfg, ctx.is_main)
-    ckpt_root = run_dir / "checkpoints"
 
     # ---- Build: data, model, optimizer, precision ------------------------------------------
     data = open_dataset(cfg.data.dir)
@@ -127,9 +131,14 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
         from stalwart.export import load_init_weights
 
         load_init_weights(raw_model, cfg.run.init_from)
-    opt = build_optimizer(cfg.optim, raw_model)
     prec = build_precision(cfg.train.precision, device)
+    # data parallelism. FSDP shards raw_model's parameters in place, so the optimizer is built
+    # after it, over the shards; ZeRO-1 shards the optimizer's state instead
     model = parallel.wrap_model(raw_model, cfg, ctx)
+    opt = parallel.wrap_optimizer(
+        build_optimizer(cfg.optim, raw_model), cfg.parallel, ctx, fp16=prec.name == "fp16"
+    )
+    prec.scaler = parallel.wrap_scaler(prec.scaler, ctx)
     if cfg.train.compile:
         model = torch.compile(model)
     loader = BatchLoader(
@@ -147,7 +156,7 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
         data.val,
         cfg.model.block_size,
         micro,
-        cfg.train.eval_batches,
+        parallel.eval_batches_total(cfg.train.eval_batches, ctx),
         cfg.run.seed,
         ctx.rank,
         ctx.world_size,
@@ -157,26 +166,25 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
     display = Progress(cfg.train.max_steps, enabled=progress and ctx.is_main)
     say = display.message
 
-    # ---- Resume: the newest valid checkpoint, every piece of state ---------------------------
-    resume_from = trainstate.find_resume_checkpoint(run_dir, cfg.run.resume, say)
-    if resume_from is not None:
-        model_state, state = ck.read_checkpoint(resume_from)
-        changes = trainstate.check_compatible(
-            state["config"], cfg, data.meta, state.get("data_meta")
-        )
-        ck.load_model_state(raw_model, model_state)
-        trainstate.restore(state, opt, prec.scaler, loader, monitor, loop)
-        if ctx.is_main:  # steps after the checkpoint are replayed: drop their old records
-            truncate_after(run_dir / "metrics.jsonl", loop.step)
+    # ---- Resume: the newest valid checkpoint, every piece of state, self-checked ------------
+    ckpts = build_checkpoint_manager(
+        cfg,
+        run_dir,
+        TrainParts(raw_model, opt, prec.scaler, loader, monitor, loop),
+        is_main=ctx.is_main,
+        data_meta=data.meta,
+        # the continuity probe: a fixed held-out batch, eval mode, no grad, deterministic
+        probe=lambda: evaluate(model, val_batches[:1], prec, ctx),
+        precision=prec.name,
+        say=say,
+        ctx=ctx,  # distributed runs save and restore through dist_checkpoint (any layout)
+    )
+    # restores everything, checks the probe loss, drops the records of the replayed steps
+    resume_from = ckpts.resume()
+    if resume_from is not None and cfg.debug.drop_optimizer_state_on_resume:
+        opt.state.clear()  # fault injection: a resume that forgets Adam's moments (playbook)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
-    if resume_from is not None:
-        log.write(
-            {"event": "resume", "step": loop.step, "from": str(resume_from), "changes": changes}
-        )
-        say(
-            f"resumed from {resume_from} at step {loop.step}"
-            + (f" (changed: {'; '.join(changes)})" if changes else "")
-        )
+    ckpts.attach_log(log)  # the resume records, then every checkpoint event
     if ctx.is_main:
         (run_dir / "config.toml").write_text(to_toml(cfg))
     display._start_step = loop.step
@@ -185,16 +193,18 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
     flops_per_step = flops_per_token(cfg.model, vocab) * tokens_per_step
     hw_flops_per_step = hardware_flops_per_token(cfg.model, vocab) * tokens_per_step  # HFU
     peak, peak_note = describe_peak(device, prec.name, cfg.train.peak_flops)
+    if peak:
+        peak *= parallel.devices_in_use(ctx)  # MFU of the whole job: every rank's device
     if peak is None:
         say(f"MFU: n/a ({peak_note})")
     timer = StepTimer(device)  # tokens/s and where the step time goes, per log interval
-    last_save_time = time.monotonic()
     val_loss = None
     stop = StopRequest()
+    stopping = False  # agreed by every rank at the step's host sync
 
     # ---- The step loop ------------------------------------------------------------------------
     with stop.installed():
-        while loop.step < cfg.train.max_steps and stop.signum is None:
+        while loop.step < cfg.train.max_steps and not stopping:
             s = loop.step
             # 1. the LR of this step, written into every param group (a pure function of s)
             lr = schedule_lr(cfg.schedule, cfg.optim, s, cfg.train.max_steps)
@@ -206,20 +216,25 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
             timer.step_start()
             batches = loader.next()
             timer.lap("data_wait")
+            if cfg.debug.repeat_batches:  # fault injection: a loader stuck on one batch
+                loader.position -= 1
             if "before_backward" in hooks:
                 hooks["before_backward"](s, batches)
             loss = forward_backward(model, batches, prec, cfg.train.grad_accum, ctx)
             timer.lap("fwd_bwd")
-            loss = _inject_faults(cfg, s, loss, raw_model)
+            # keyed to the batch, not the step: a bad batch stays bad, and a rollback that skips
+            # its data window never sees it again
+            loss = _inject_faults(cfg, loader.position - 1, loss, raw_model, ctx.rank)
             # 4. fp16 only: unscale so the norm below is of the true gradients
             prec.scaler.unscale_(opt)
             # 5. clip; the returned norm is the PRE-clip norm, the health metric we log
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
             grad_norm = parallel.clip_grad_norm(model, max_norm, ctx)
             # host sync (one per optimizer step, not per micro-batch): a non-finite step must be
-            # stopped before it touches the weights and the optimizer's moments
-            loss_f, norm_f = (
-                float(v) for v in torch.stack([loss.float(), grad_norm.float()]).tolist()
+            # stopped before it touches the weights and the optimizer's moments, on every rank
+            # alike (one all-reduce: the same loss, norm and stop request everywhere)
+            loss_f, norm_f, stopping = parallel.agree_on_step(
+                loss, grad_norm, stop.signum is not None, ctx
             )
             verdict = monitor.check_step(s + 1, loss_f, norm_f, prec.scaler.is_enabled())
             for d in verdict.diagnoses:
@@ -256,6 +271,7 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
                 cfg.train.eval_interval and loop.step % cfg.train.eval_interval == 0
             )
             if evaluate_now:
+                _debug_pause(cfg.debug.pause_in_eval_s, f"evaluation at step {loop.step}")
                 val_loss = evaluate(model, val_batches, prec, ctx)
                 record["val_loss"] = val_loss
             if "tokens_per_sec" in record or evaluate_now:
@@ -270,47 +286,17 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
                 )
             if evaluate_now and val_loss < loop.best_val:
                 loop.best_val = val_loss
-                _save(
-                    ckpt_root / "best",
-                    cfg,
-                    raw_model,
-                    opt,
-                    prec,
-                    loader,
-                    monitor,
-                    loop,
-                    data.meta,
-                    ctx,
-                )
-            minutes = (time.monotonic() - last_save_time) / 60
-            if (
-                last
-                or stop.signum is not None
-                or (cfg.ckpt.interval and loop.step % cfg.ckpt.interval == 0)
-                or (cfg.ckpt.interval_minutes and minutes >= cfg.ckpt.interval_minutes)
-            ):
-                path = _save(
-                    ck.step_dir(ckpt_root, loop.step),
-                    cfg,
-                    raw_model,
-                    opt,
-                    prec,
-                    loader,
-                    monitor,
-                    loop,
-                    data.meta,
-                    ctx,
-                )
-                _rotate(ckpt_root, cfg)
-                log.write({"event": "checkpoint", "step": loop.step, "path": str(path)})
-                last_save_time = time.monotonic()
+                ckpts.request_best()  # best/ gets this step's state, saved just below
+            # every ckpt.interval steps / interval_minutes, at the end, and on SIGTERM/SIGINT
+            if ckpts.maybe_save(loop.step, force=last or stopping, val_loss=val_loss):
                 timer.skip()  # saving is not training time
             if evaluate_now:
                 timer.skip()  # nor is evaluation
             if "after_step" in hooks:
                 hooks["after_step"](loop.step, record)
 
-    if stop.signum is not None:
+    ckpts.close()  # waits for an asynchronous save (and raises its error)
+    if stopping:
         say(
             f"stopped by signal {stop.signum} at step {loop.step}; checkpoint saved, resume with "
             "the same command"
@@ -318,32 +304,44 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
         log.write({"event": "stopped", "step": loop.step, "signal": stop.signum})
     display.close()
     log.close()
+    # FSDP: an ordinary copy of the weights on rank 0, for sampling after the run
+    final_model = parallel.local_model(raw_model, lambda: build_model(cfg.model, vocab), ctx)
     parallel.shutdown(ctx)
     return RunResult(
         run_dir,
         loop.step,
         val_loss,
         loop.best_val,
-        raw_model,
+        final_model,
         data.meta,
-        stopped_early=stop.signum is not None,
+        stopped_early=stopping,
+        stop_signal=stop.signum if stopping else None,
+        is_main=ctx.is_main,
     )
 
 
-def _inject_faults(cfg: Config, step: int, loss: torch.Tensor, model) -> torch.Tensor:
+def _inject_faults(cfg: Config, batch: int, loss: torch.Tensor, model, rank: int = 0):
     """debug.inject_*: provoke the playbook's symptoms on purpose (tests, demos). The gradients
-    are hit as well as the loss, as a bad batch or an overflow would."""
+    are hit as well as the loss, as a bad batch or an overflow would. `batch` is the loader
+    position of this step's batch (0-based; == step until a rollback skips data)."""
     factor = None
-    if step + 1 == cfg.debug.inject_nan_at_step:
+    if batch + 1 == cfg.debug.inject_nan_at_step:
         factor = float("nan")
-    elif step + 1 == cfg.debug.inject_spike_at_step:
+    elif batch + 1 == cfg.debug.inject_spike_at_step:
         factor = 1e3
-    if factor is None:
+    if factor is None or cfg.debug.inject_rank not in (-1, rank):
         return loss
     for p in model.parameters():
         if p.grad is not None:
             p.grad.mul_(factor)
     return loss * factor
+
+
+def _debug_pause(seconds: float, where: str) -> None:
+    """debug.pause_in_*_s (tests, demos only): a marked window in which to kill the process."""
+    if seconds > 0:
+        print(f"debug: pausing {seconds}s in {where}", file=sys.stderr, flush=True)
+        time.sleep(seconds)
 
 
 def _micro_batch(cfg: Config, ctx) -> int:
@@ -352,24 +350,3 @@ def _micro_batch(cfg: Config, ctx) -> int:
 
         return auto_micro_batch(cfg, ctx)
     return int(cfg.train.micro_batch)
-
-
-def _save(path, cfg, model, opt, prec, loader, monitor, loop, data_meta, ctx) -> Path:
-    model_state, state = trainstate.capture(
-        cfg, model, opt, prec.scaler, loader, monitor, loop, {"data_meta": data_meta}
-    )
-    if not ctx.is_main:
-        return path
-    info = {"step": loop.step, "best_val": loop.best_val, "tokens": loop.tokens}
-    return ck.write_checkpoint(path, model_state, state, info)
-
-
-def _rotate(ckpt_root: Path, cfg: Config) -> None:
-    """Keep the newest `keep_last` step checkpoints (plus milestones); never the only valid one."""
-    dirs = ck.step_dirs(ckpt_root)
-    keep = set(dirs[-cfg.ckpt.keep_last :])
-    for d in dirs:
-        step = int(d.name.split("_")[1])
-        milestone = cfg.ckpt.milestone_interval and step % cfg.ckpt.milestone_interval == 0
-        if d not in keep and not milestone:
-            shutil.rmtree(d, ignore_errors=True)

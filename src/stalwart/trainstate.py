@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,9 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state(tuple(np_state))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+        # one generator per device; a resume on fewer devices restores those it has
+        for i, s in enumerate(list(state["cuda"])[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 def seed_everything(seed: int) -> None:
@@ -81,6 +84,7 @@ def capture(
 
 
 def restore(state: dict, opt, scaler, loader, monitor, loop: LoopState) -> None:
+    """Everything but the model weights (see restore_checkpoint for the whole of it)."""
     opt.load_state_dict(state["optimizer"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
@@ -136,11 +140,47 @@ def check_compatible(
     return changes
 
 
+def resume_candidates(ckpt_root: Path) -> list[Path]:
+    """step_* and best/ (a full state too), newest step first; a step_ dir before best/ on a tie."""
+    dirs = [(ck.step_of(p), 1, p) for p in ck.step_dirs(ckpt_root)]
+    best = Path(ckpt_root) / "best"
+    if best.is_dir():
+        dirs.append((ck.manifest_step(best) or -1, 0, best))
+    return [p for _, _, p in sorted(dirs, key=lambda t: (t[0], t[1]), reverse=True)]
+
+
+def valid_checkpoints(ckpt_root: Path, report=None) -> Iterator[Path]:
+    """Verified checkpoints, newest first; `report(text)` hears about each one skipped."""
+    for path in resume_candidates(ckpt_root):
+        info = ck.verify(path)
+        if info.ok:
+            yield path
+        elif report is not None:
+            report(f"checkpoint {path.name} is not usable ({info.problem}); trying an older one")
+
+
+def latest_valid_checkpoint(run_dir: Path, report=None) -> Path | None:
+    """The newest checkpoint of a run that passes verification (rollback and resume use it)."""
+    return next(valid_checkpoints(Path(run_dir) / "checkpoints", report), None)
+
+
+def restore_checkpoint(
+    path: Path, model, opt, scaler, loader, monitor, loop: LoopState, check: bool = True
+) -> dict:
+    """Put every piece of state of checkpoint `path` back into the live objects (model: the
+    unwrapped one). Returns the state dict read (config, data_meta, probe, ...)."""
+    model_state, state = ck.read_checkpoint(path, check=check)
+    ck.load_model_state(model, model_state)
+    restore(state, opt, scaler, loader, monitor, loop)
+    return state
+
+
 def find_resume_checkpoint(run_dir: Path, resume: str, report) -> Path | None:
-    """The checkpoint to resume from: newest *valid* one (auto), none (never), or a PATH."""
+    """The checkpoint to resume from: newest *valid* one (auto), none (never), or a PATH
+    (a checkpoint directory, or another run directory: its newest valid checkpoint)."""
     root = Path(run_dir) / "checkpoints"
     if resume == "never":
-        if ck.step_dirs(root):
+        if resume_candidates(root):
             raise UserError(
                 f"{run_dir} already holds checkpoints and --run.resume is never: "
                 "choose a new --run.dir or resume with --run.resume auto"
@@ -148,13 +188,25 @@ def find_resume_checkpoint(run_dir: Path, resume: str, report) -> Path | None:
         return None
     if resume != "auto":
         path = Path(resume)
+        if not (path / ck.MANIFEST).is_file() and (path / "checkpoints").is_dir():
+            found = latest_valid_checkpoint(path, report)
+            if found is None:
+                raise UserError(f"--run.resume {path}: that run holds no valid checkpoint")
+            return found
         info = ck.verify(path)
         if not info.ok:
-            raise UserError(f"--run.resume {path}: {info.problem}")
+            raise UserError(f"--run.resume {path}: {info.problem}; pick another checkpoint")
         return path
-    for path in reversed(ck.step_dirs(root)):
-        info = ck.verify(path)
-        if info.ok:
-            return path
-        report(f"checkpoint {path.name} is not usable ({info.problem}); trying an older one")
-    return None
+    found = latest_valid_checkpoint(run_dir, report)
+    if found is None and resume_candidates(root):
+        raise none_valid_error(run_dir)
+    return found
+
+
+def none_valid_error(run_dir: Path) -> UserError:
+    # Starting from scratch over a run's damaged checkpoints would silently throw away its
+    # progress (and truncate its records): make a person decide.
+    return UserError(
+        f"{Path(run_dir) / 'checkpoints'} holds checkpoints but none is usable (see `stalwart "
+        f"ckpt verify {run_dir}`): repair or move them away, or start a new --run.dir"
+    )
