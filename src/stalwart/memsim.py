@@ -1,0 +1,373 @@
+"""One training step of stalwart's GPT-2, replayed as allocations and frees (no tensors).
+
+The planner's model of memory is the step itself: every tensor the forward keeps for backward
+(as torch.autograd.graph.saved_tensors_hooks shows it: each layer norm's input, mean and rstd,
+each Linear's input, the qkv projection, SDPA's output and logsumexp, the MLP's pre- and
+post-GELU, dropout masks, the fp32 log-softmax), the buffers the backward allocates (gradients
+of activations, the gradients of q, k, v and their concatenation), the weight gradients as
+AccumulateGrad creates them, and the optimizer state. A running total gives the peak and what
+is held at it. The step is `train.forward_backward` + clip + `optimizer.step()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CATEGORIES = (
+    "weights",  # fp32 parameters: the master copy autocast casts from
+    "weight_copies",  # autocast's 16-bit casts of the matmul weights, kept for backward
+    "gradients",
+    "ddp_buckets",  # DDP's flat gradient buckets (gradient_as_bucket_view=False, the default)
+    "optimizer",
+    "activations",  # saved for backward (or kept by checkpointing, and recomputed)
+    "logits",  # logits, the fp32 log-softmax and their gradients
+    "temporaries",  # gradients of activations, gathered FSDP shards, other short-lived buffers
+    "batch",  # the step's input/target token ids
+)
+
+
+class Timeline:
+    """Running totals by category; remembers the peak, what was held then, and each maximum."""
+
+    def __init__(self):
+        self.held = dict.fromkeys(CATEGORIES, 0)
+        self.most = dict.fromkeys(CATEGORIES, 0)
+        self.peak, self.at_peak, self.peak_phase, self.phase = 0, dict(self.held), "", ""
+
+    def alloc(self, cat: str, n: float) -> None:
+        self.held[cat] += int(n)
+        self.most[cat] = max(self.most[cat], self.held[cat])
+        total = sum(self.held.values())
+        if total > self.peak:
+            self.peak, self.at_peak, self.peak_phase = total, dict(self.held), self.phase
+
+    def free(self, cat: str, n: float) -> None:
+        self.held[cat] -= int(n)
+
+    def spike(self, cat: str, n: float) -> None:
+        self.alloc(cat, n)
+        self.free(cat, n)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Everything the replay needs, already resolved (sizes in elements unless named *_bytes)."""
+
+    B: int
+    T: int
+    C: int
+    h: int
+    V: int
+    L: int
+    block_size: int
+    bias: bool
+    lp: int  # bytes of a matmul output: 2 under bf16/fp16 autocast, 4 in fp32
+    p_drop: float
+    mask: int  # bytes of a dropout-mask element: CPU multiplies by a float mask, CUDA keeps bool
+    cpu: bool
+    ckpt: tuple[str, ...]  # per block: none | full | selective
+    world: int
+    zero: int
+    grad_accum: int
+    opt_state_bytes: int  # unsharded
+
+    @property
+    def N(self) -> int:
+        return self.B * self.T
+
+    @property
+    def amp(self) -> bool:
+        return self.lp == 2
+
+    @property
+    def math_attention(self) -> bool:
+        """CPU SDPA with dropout falls back to the math kernel (keeps T x T matrices)."""
+        return self.cpu and self.p_drop > 0
+
+
+def block_params(C: int, bias: bool) -> list[int]:
+    """Element counts of one block's parameter tensors, in forward order."""
+    lin = lambda i, o: [i * o, o] if bias else [i * o]  # noqa: E731
+    ln = [C, C] if bias else [C]
+    return ln + lin(C, 3 * C) + lin(C, C) + ln + lin(C, 4 * C) + lin(4 * C, C)
+
+
+def model_params(s: Step) -> int:
+    ln = s.C * (2 if s.bias else 1)
+    return s.V * s.C + s.block_size * s.C + s.L * sum(block_params(s.C, s.bias)) + ln
+
+
+def saved_items(s: Step) -> list[tuple[str, int, str]]:
+    """(name, bytes, kind) a non-checkpointed block keeps for backward, in forward order.
+
+    kind: 'pointwise' (cheap to recompute: norms, GELU, adds, dropout) or 'matmul' (Linear and
+    attention outputs: costly to recompute). The block's output is the next block's input and
+    is counted there (`x_in`)."""
+    N, C, lp = s.N, s.C, s.lp
+    items = [("x_in", N * C * 4, "input"), ("ln1", N * 8 + N * C * lp, "pointwise")]
+    if s.math_attention:
+        att = s.B * s.h * s.T * s.T
+        items += [("qkv_copies", 3 * N * C * lp, "matmul"), ("att_probs", 2 * att * lp, "matmul")]
+        items += [("att_mask", att * s.mask, "pointwise"), ("att_out", N * C * lp, "matmul")]
+    else:
+        items += [("qkv", 3 * N * C * lp, "matmul"), ("att_out", N * C * lp + N * s.h * 4, "matmul")]
+    if s.p_drop > 0:
+        items.append(("drop1", N * C * s.mask, "pointwise"))
+    items += [("x_mid", N * C * 4, "pointwise"), ("ln2", N * 8 + N * C * lp, "pointwise")]
+    items += [("fc", 4 * N * C * lp, "matmul"), ("gelu", 4 * N * C * lp, "pointwise")]
+    if s.p_drop > 0:
+        items.append(("drop2", N * C * s.mask, "pointwise"))
+    return items
+
+
+def kept_in_forward(s: Step, kind: str) -> int:
+    """Bytes a block keeps past its forward, beyond its input, for each checkpointing kind."""
+    inner = [(n, b, k) for n, b, k in saved_items(s) if k != "input"]
+    if kind == "none":
+        return sum(b for _, b, _ in inner)
+    if kind == "full":
+        return 0
+    # selective: the outputs of every matmul and of SDPA stay (incl. both c_proj outputs, which
+    # the policy saves too); norms, GELU, the mid residual and dropout are recomputed.
+    return sum(b for _, b, k in inner if k == "matmul") + 2 * s.N * s.C * s.lp
+
+
+# --- the replay ------------------------------------------------------------------------------
+
+
+def _param_grad(tl: Timeline, s: Step, n: int, first: bool) -> None:
+    """A weight gradient of n elements as AccumulateGrad sees it (fp32: the weights are fp32).
+
+    Under autocast the matmul yields it in 16 bits and the cast's backward makes the fp32 copy.
+    The first micro-batch's gradient is kept (stolen, no copy); later ones are added in place.
+    ZeRO-2/3 reduce-scatter it and keep this rank's 1/world share."""
+    if s.amp:
+        tl.alloc("temporaries", n * s.lp)
+    keep = n * 4 if s.zero < 2 else n * 4 // s.world
+    if first:
+        tl.alloc("gradients", n * 4)
+        tl.free("gradients", n * 4 - keep)
+    else:
+        tl.spike("temporaries", n * 4)
+    if s.amp:
+        tl.free("temporaries", n * s.lp)
+
+
+def _gather(tl: Timeline, s: Step, elems: int, on: bool) -> None:
+    """FSDP / ZeRO-3 all-gathers a unit's full parameters around its forward and backward."""
+    if s.zero == 3 and s.world > 1:
+        n = elems * (s.lp if s.amp else 4) * (s.world - 1) // s.world
+        (tl.alloc if on else tl.free)("temporaries", n)
+
+
+def _forward(tl: Timeline, s: Step) -> None:
+    N, C, lp = s.N, s.C, s.lp
+    bp = sum(block_params(C, s.bias))
+    tl.phase = "forward"
+    tl.alloc("activations", s.T * 8 + N * 8)  # position ids; the targets' reshape copy
+    tl.spike("temporaries", N * C * 4 + s.T * C * 4)  # token and position embeddings
+    tl.alloc("activations", N * C * 4)  # their sum: the first block's input
+    if s.p_drop > 0:
+        tl.alloc("activations", N * C * s.mask)
+    copies = 0
+    for kind in s.ckpt:
+        _gather(tl, s, bp, True)
+        if s.amp and s.zero < 3:
+            tl.alloc("weight_copies", (bp - 4 * C) * lp)  # autocast's cast cache: the Linears
+            copies += (bp - 4 * C) * lp
+        inner = sum(b for _, b, k in saved_items(s) if k != "input")
+        tl.alloc("activations", inner)
+        tl.spike("temporaries", N * C * lp)  # a c_proj output before the residual add
+        tl.alloc("activations", N * C * 4)  # the block's output
+        tl.free("activations", inner - kept_in_forward(s, kind))
+        _gather(tl, s, bp, False)
+    tl.phase = "forward: loss"
+    tl.alloc("activations", N * 8 + N * C * lp)  # ln_f: mean, rstd, output
+    if s.amp and s.zero < 3:
+        tl.alloc("weight_copies", s.V * C * lp)
+    tl.alloc("logits", N * s.V * lp)
+    if s.amp:
+        tl.alloc("logits", N * s.V * 4)  # .float() before the loss
+    tl.alloc("logits", N * s.V * 4)  # log_softmax's output, kept for backward
+    tl.free("logits", N * s.V * (lp + (4 if s.amp else 0)))  # the logits are not kept
+    # the autocast cache dies with the autocast region: only casts the graph saved stay
+    if s.amp and s.zero < 3:
+        tl.free("weight_copies", sum(1 for k in s.ckpt if k != "none") * (bp - 4 * C) * lp)
+
+
+def _head_backward(tl: Timeline, s: Step, first: bool) -> None:
+    N, C, V, lp = s.N, s.C, s.V, s.lp
+    tl.phase = "backward: loss"
+    tl.alloc("logits", N * V * 4)  # d loss / d log_softmax (dense zeros, then the targets)
+    tl.alloc("logits", N * V * 4)  # d loss / d logits
+    tl.free("logits", 2 * N * V * 4)  # the first, and the saved log_softmax output
+    if s.amp:
+        tl.alloc("logits", N * V * lp)
+        tl.free("logits", N * V * 4)
+    tl.phase = "backward: lm_head"
+    tl.alloc("temporaries", N * C * lp)
+    _param_grad(tl, s, V * C, first)
+    tl.free("logits", N * V * lp)
+    if s.amp and s.zero < 3:
+        tl.free("weight_copies", V * C * lp)
+    _to_fp32(tl, s)
+    _layernorm_backward(tl, s, first)
+    tl.free("activations", N * C * 4)  # the last block's output, ln_f's input
+
+
+def _to_fp32(tl: Timeline, s: Step) -> None:
+    """Under autocast a gradient entering the fp32 residual stream is cast back up."""
+    if s.amp:
+        tl.alloc("temporaries", s.N * s.C * 4)
+        tl.free("temporaries", s.N * s.C * s.lp)
+
+
+def _layernorm_backward(tl: Timeline, s: Step, first: bool) -> None:
+    """d input of a layer norm; then its input-gradient buffer and its saved tensors go."""
+    N, C = s.N, s.C
+    tl.alloc("temporaries", N * C * 4)
+    for n in [C, C] if s.bias else [C]:
+        _param_grad(tl, s, n, first)
+    tl.free("temporaries", N * C * 4)  # (the incoming gradient of the LN's output)
+    tl.free("activations", N * 8 + N * C * s.lp)
+
+
+def _linear_backward(tl: Timeline, s: Step, d_in: int, w: int, b: int, first: bool) -> None:
+    """Allocate d input (d_in elements, 16-bit under autocast); the weight and bias grads."""
+    tl.alloc("temporaries", d_in * s.lp)
+    _param_grad(tl, s, w, first)
+    if s.bias:
+        _param_grad(tl, s, b, first)
+    if s.amp and s.zero < 3:
+        tl.free("weight_copies", (w + (b if s.bias else 0)) * s.lp)
+
+
+def _recompute(tl: Timeline, s: Step, kind: str) -> None:
+    """Checkpointed blocks rebuild what their forward dropped before their backward starts."""
+    if kind == "none":
+        return
+    N, C, lp = s.N, s.C, s.lp
+    inner = sum(b for _, b, k in saved_items(s) if k != "input")
+    kept = kept_in_forward(s, kind)
+    cproj = 2 * N * C * lp if kind == "selective" else 0
+    if s.amp and s.zero < 3:
+        tl.alloc("weight_copies", (sum(block_params(C, s.bias)) - 4 * C) * lp)
+    tl.alloc("activations", inner - (kept - cproj))
+    tl.spike("temporaries", N * C * lp)  # c_proj output (full) / the cached one's add
+    tl.free("activations", cproj)  # selective: the cached c_proj outputs are consumed
+
+
+def _block_backward(tl: Timeline, s: Step, kind: str, first: bool) -> None:
+    """The MLP branch, then the attention branch; the residual gradient (fp32) is held
+    throughout, and each branch's layer-norm gradient is added into it in place."""
+    N, C, lp = s.N, s.C, s.lp
+    item = {n: b for n, b, _ in saved_items(s)}
+    _gather(tl, s, sum(block_params(C, s.bias)), True)
+    _recompute(tl, s, kind)
+    for branch in ("mlp", "attn"):
+        if s.p_drop > 0:  # d (dropout input)
+            tl.alloc("temporaries", N * C * 4)
+            tl.free("activations", item["drop2" if branch == "mlp" else "drop1"])
+        if s.amp:
+            tl.alloc("temporaries", N * C * lp)  # cast down to the c_proj output's dtype
+        grad_out = N * C * (4 * (s.p_drop > 0) + lp * s.amp)
+        if branch == "mlp":
+            _linear_backward(tl, s, 4 * N * C, 4 * C * C, C, first)  # c_proj: d GELU output
+            tl.free("temporaries", grad_out)
+            tl.free("activations", item["gelu"])
+            tl.alloc("temporaries", 4 * N * C * lp)  # d c_fc output
+            tl.free("temporaries", 4 * N * C * lp)
+            tl.free("activations", item["fc"])
+            _linear_backward(tl, s, N * C, 4 * C * C, 4 * C, first)  # c_fc: d ln_2 output
+            tl.free("temporaries", 4 * N * C * lp)
+        else:
+            _linear_backward(tl, s, N * C, C * C, C, first)  # c_proj: d attention output
+            tl.free("temporaries", grad_out)
+            _attention_backward(tl, s, item)
+            _linear_backward(tl, s, N * C, 3 * C * C, 3 * C, first)  # c_attn: d ln_1 output
+            tl.free("temporaries", 3 * N * C * lp)
+        _to_fp32(tl, s)
+        _layernorm_backward(tl, s, first)
+        tl.free("activations", item["x_mid"] if branch == "mlp" else item["x_in"])
+        tl.free("temporaries", N * C * 4)  # added into the residual gradient in place
+    _gather(tl, s, sum(block_params(C, s.bias)), False)
+
+
+def _attention_backward(tl: Timeline, s: Step, item: dict[str, int]) -> None:
+    N, C, lp = s.N, s.C, s.lp
+    tl.alloc("temporaries", 3 * N * C * lp)  # d q, d k, d v
+    tl.free("temporaries", N * C * lp)  # d attention output
+    if s.math_attention:
+        att = s.B * s.h * s.T * s.T
+        tl.spike("temporaries", 2 * att * lp)  # d probabilities, d scores
+        tl.free("activations", item["qkv_copies"] + item["att_probs"] + item["att_mask"])
+    else:
+        tl.free("activations", item["qkv"])
+    tl.free("activations", item["att_out"])
+    tl.alloc("temporaries", 3 * N * C * lp)  # the split's backward: one d qkv
+    tl.free("temporaries", 3 * N * C * lp)
+
+
+def _embedding_backward(tl: Timeline, s: Step, first: bool) -> None:
+    N, C = s.N, s.C
+    tl.phase = "backward: embeddings"
+    if s.p_drop > 0:
+        tl.alloc("temporaries", N * C * 4)
+        tl.free("activations", N * C * s.mask)
+        tl.free("temporaries", N * C * 4)
+    tl.alloc("temporaries", s.T * C * 4)  # d position embeddings, summed over the batch
+    _param_grad(tl, s, s.block_size * C, first)
+    tl.free("temporaries", s.T * C * 4)
+    tl.spike("temporaries", s.V * C * 4)  # dense d wte, added into the lm_head's gradient
+    tl.free("activations", s.T * 8 + N * 8)
+    tl.free("temporaries", N * C * 4)  # the residual gradient
+
+
+def replay(s: Step) -> Timeline:
+    """One optimizer step at steady state (the optimizer state already exists)."""
+    tl = Timeline()
+    P = model_params(s)
+    shard = s.world if s.zero == 3 else 1
+    tl.alloc("weights", P * 4 // shard)
+    tl.alloc("optimizer", s.opt_state_bytes // (s.world if s.zero >= 1 else 1))
+    if s.world > 1 and s.zero <= 1:
+        tl.alloc("ddp_buckets", P * 4)
+    tl.alloc("batch", s.grad_accum * s.B * (s.T + 1) * 8)
+    for micro in range(min(s.grad_accum, 2)):  # later micro-batches repeat the second
+        first = micro == 0
+        _forward(tl, s)
+        _head_backward(tl, s, first)
+        for i in reversed(range(s.L)):
+            tl.phase = f"backward: block {i}"
+            _block_backward(tl, s, s.ckpt[i], first)
+        _embedding_backward(tl, s, first)
+    tl.phase = "optimizer step"
+    tl.spike("temporaries", 0)
+    return tl
+
+
+def checkpoint_kinds(spec: str, n_layer: int) -> tuple[str, ...]:
+    """Per block: which blocks `model.activation_checkpointing` checkpoints (as model.py does)."""
+    from stalwart.config import parse_activation_checkpointing
+
+    kind, every = parse_activation_checkpointing(spec)
+    if kind == "every":
+        return tuple("full" if i % every == 0 else "none" for i in range(n_layer))
+    return (kind,) * n_layer
+
+
+def optimizer_state_bytes(optim_cfg, model_cfg, vocab: int) -> int:
+    """Optimizer state in bytes (fp32), from stalwart.optim where it says, else by algorithm."""
+    try:
+        from stalwart.optim import optimizer_state_bytes_for
+    except ImportError:
+        optimizer_state_bytes_for = None
+    if optimizer_state_bytes_for is not None:
+        return int(optimizer_state_bytes_for(optim_cfg, model_cfg, vocab, bytes_per_elem=4))
+    C, bias = model_cfg.n_embd, model_cfg.bias
+    tensors = [vocab * C, model_cfg.block_size * C, C * (2 if bias else 1)]
+    tensors += block_params(C, bias) * model_cfg.n_layer
+    states = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2, "muon": 1}.get(optim_cfg.name, 2)
+    # torch's Adam keeps `step` as a one-element fp32 tensor per parameter as well
+    steps = len(tensors) * 4 if optim_cfg.name in ("adam", "adamw") else 0
+    return states * sum(tensors) * 4 + steps
