@@ -314,3 +314,59 @@ def test_not_a_model_directory(trained, tmp_path, capsys):
     _user_error(capsys, ["export", junk, "--out", tmp_path / "out"], "no valid checkpoint")
     _user_error(capsys, ["export", trained.run, "--out", junk], "already exists")
     assert sorted(p.name for p in junk.iterdir()) == ["config.json", "notes.txt"]  # untouched
+
+
+def test_bias_free_model_exports_zero_biases_and_comes_back(trained, tf, tmp_path):
+    flags = ["--model.bias", "false", "--train.max_steps", "3", "--schedule.warmup_steps", "1"]
+    result = train(tiny_config(tmp_path / "run", trained.data, *flags), progress=False)
+    info = export(tmp_path / "run", "hf", tmp_path / "hf")
+    assert any("zeros were written" in n for n in info["notes"])
+    hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert not hf["transformer.h.0.mlp.c_fc.bias"].any() and not hf["transformer.ln_f.bias"].any()
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    x = torch.tensor([ByteTokenizer().encode(TEXT)[:32]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, result.model.eval()(x)[0], atol=1e-5, rtol=0)
+    back = build_model(result.model.cfg, 256)  # bias=False: the zeros are dropped on the way in
+    load_init_weights(back, tmp_path / "hf")
+    _assert_same_weights(back.state_dict(), result.model.state_dict())
+    with pytest.raises(UserError, match=r"set --model.bias false"):
+        load_init_weights(build_model(trained.model.cfg, 256), tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer files
+
+
+def test_byte_level_tokenizer_is_exactly_utf8_bytes():
+    from stalwart.hf_tokenizer import byte_level_tokenizer, bytes_to_unicode
+
+    tok = byte_level_tokenizer()
+    assert tok.get_vocab_size() == 256
+    all_bytes = bytes(range(256)).decode("latin-1")  # every code point 0..255, 2 bytes above 127
+    texts = [TEXT, all_bytes, "\x00\r\n\t  x", "".join(chr(c) for c in range(0x2000, 0x2100))]
+    for text in texts:
+        ids = tok.encode(text).ids
+        assert ids == list(text.encode("utf-8")) and tok.decode(ids) == text
+    b2u = bytes_to_unicode()  # id b is GPT-2's printable stand-in for byte b, 256 distinct
+    assert [tok.id_to_token(b) for b in range(256)] == [b2u[b] for b in range(256)]
+    assert len(set(b2u.values())) == 256
+
+
+def test_tiktoken_conversion_gives_the_same_ids():
+    tiktoken = pytest.importorskip("tiktoken")
+    from stalwart.hf_tokenizer import tiktoken_to_tokenizers
+
+    # a small tiktoken BPE with GPT-2's split pattern: 256 bytes, then merges in rank order
+    ranks = {bytes([b]): b for b in range(256)}
+    for piece in [b"th", b"he", b"the", b" t", b" the", b"in", b"ing", b" a", b"an", b"and"]:
+        ranks[piece] = len(ranks)
+    pat = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    eot = len(ranks)
+    enc = tiktoken.Encoding("tiny", pat_str=pat, mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": eot})  # fmt: skip
+    tok = tiktoken_to_tokenizers(enc)
+    for text in [TEXT, "the thing and another thing, then a band singing in the rain"]:
+        assert tok.encode(text).ids == enc.encode_ordinary(text)
+        assert tok.decode(tok.encode(text).ids) == text
+    assert tok.token_to_id("<|endoftext|>") == eot
