@@ -1,15 +1,35 @@
-"""torch.distributed: process-group setup and model wrapping (one process: a no-op)."""
+"""torch.distributed: process-group setup, DDP / FSDP2 / ZeRO-1 wrapping, and the few collectives
+the loop needs. One process (`parallel.mode none`) is a no-op everywhere.
+
+Launch several processes with torchrun; each reads RANK / WORLD_SIZE / LOCAL_RANK from its
+environment (torchrun sets them). The global batch of a step is
+    micro_batch x grad_accum x world_size   sequences
+(`train.grad_accum` is per process), and data.BatchLoader splits the same global batch whatever
+the world size, so 1 process x accum 4 == 2 processes x accum 2 == 4 x 1 up to float rounding.
+
+What each mode keeps on every rank (P = parameter bytes, world size W):
+    ddp    full weights, full gradients, full optimizer state; gradients all-reduced
+    zero1  DDP + the optimizer state sharded: each rank updates 1/W of the parameters and
+           broadcasts them (torch.distributed.optim.ZeroRedundancyOptimizer)
+    fsdp   weights, gradients and optimizer state all sharded 1/W (FSDP2 `fully_shard`); a
+           block's weights are all-gathered just before it runs and freed after
+"""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from stalwart.config import ParallelConfig
+from stalwart.config import Config, ParallelConfig
 from stalwart.errors import UserError
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass
@@ -18,10 +38,17 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    mode: str = "none"
+    local_world_size: int = 1
+    backend: str = ""  # "" = no process group
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return bool(self.backend)
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -37,18 +64,142 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--run.device cuda: no CUDA device is available; use cpu or auto")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)  # one GPU per process, by local rank
     return device
 
 
 def init(cfg: ParallelConfig, device_name: str) -> DistContext:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.mode != "none" or world > 1:
-        raise UserError(f"--parallel.mode {cfg.mode} is not available yet: use none")
-    return DistContext(device=pick_device(device_name))
+    """Join the process group that torchrun set up (or stay a single process)."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    if cfg.mode == "none":
+        if world > 1:
+            raise UserError(
+                f"WORLD_SIZE={world} (launched by torchrun) but --parallel.mode is none: "
+                "use --parallel.mode ddp, fsdp or zero1, or launch a single process"
+            )
+        return DistContext(device=pick_device(device_name))
+    missing = [v for v in _TORCHRUN_VARS if v not in env]
+    if missing:
+        raise UserError(
+            f"--parallel.mode {cfg.mode} needs a torchrun launch ({', '.join(missing)} not set): "
+            f"run `torchrun --nproc_per_node=N -m stalwart train ... --parallel.mode {cfg.mode}`"
+            ", or use --parallel.mode none for one process"
+        )
+    rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
+    device = pick_device(device_name, local_rank)
+    backend = cfg.backend if cfg.backend != "auto" else "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError("--parallel.backend nccl needs CUDA devices: use gloo on CPU (or auto)")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            # a collective that waits longer than this fails instead of hanging forever: a dead
+            # peer then ends the job, and torchrun --max-restarts can restart the group
+            timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
+            device_id=device if backend == "nccl" else None,
+        )
+    local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    return DistContext(rank, world, local_rank, device, cfg.mode, local_world, backend)
+
+
+def wrap_model(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> torch.nn.Module:
+    """DDP (ddp, zero1) or FSDP2 (fsdp, in place: `model`'s parameters become DTensor shards).
+
+    Every rank built the same weights from the same seed; after wrapping, each rank's torch RNG
+    is re-seeded with its rank, so dropout masks differ between ranks (the same mask on every
+    rank's different data would correlate the noise)."""
+    if ctx.world_size > 1:
+        torch.manual_seed(cfg.run.seed + 1_000_003 * ctx.rank)
+    if ctx.mode in ("ddp", "zero1"):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        # DDP also broadcasts rank 0's weights once, so replicas start identical
+        return DDP(model, device_ids=ids, bucket_cap_mb=cfg.parallel.bucket_mb)
+    if ctx.mode == "fsdp":
+        _fully_shard(model, cfg, ctx)
+    return model
+
+
+def _mixed_precision(cfg: Config, ctx: DistContext):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from stalwart.precision import DTYPES, resolve_precision
+
+    name = resolve_precision(cfg.train.precision, ctx.device)
+    if name == "fp32":
+        return MixedPrecisionPolicy()
+    # all-gather and compute in 16 bits (half the traffic), but reduce gradients in fp32: a sum
+    # over many ranks in bf16 loses the low bits of every small gradient
+    return MixedPrecisionPolicy(param_dtype=DTYPES[name], reduce_dtype=torch.float32)
+
+
+def _fully_shard(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    mp = _mixed_precision(cfg, ctx)
+    reshard = cfg.parallel.reshard_after_forward
+    # one FSDP unit per block: only one block's full weights exist at a time
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    # the root holds the rest: wte, wpe, ln_f and lm_head, which *is* wte (tied) and so must
+    # stay in the same unit. Not resharded after forward: backward starts with lm_head anyway.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+
+
+def _rebuild(opt: torch.optim.Optimizer, **overrides):
+    """The optimizer's class, groups and hyperparameters, for building a variant of it."""
+    cls = type(opt)
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in opt.defaults.items() if k in accepted}
+    kwargs.update(overrides)
+    groups = [
+        {"params": g["params"], **{k: v for k, v in g.items() if k in accepted}}
+        for g in opt.param_groups
+    ]
+    return cls, groups, kwargs
+
+
+def wrap_optimizer(opt, cfg: ParallelConfig, ctx: DistContext, fp16: bool = False):
+    """zero1: the same optimizer (class, decay groups, hyperparameters), its state sharded."""
+    if ctx.mode == "zero1":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise UserError(
+                "--parallel.mode zero1 needs a torch.optim optimizer: --optim.impl torch"
+            )
+        cls, groups, kwargs = _rebuild(opt)
+        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, **kwargs)
+    if ctx.mode == "fsdp" and fp16 and opt.defaults.get("fused"):
+        # torch's fused Adam kernels trip over DTensor step counters when the GradScaler
+        # hands them found_inf; the foreach implementation computes the same update
+        cls, groups, kwargs = _rebuild(opt, fused=None, foreach=True)
+        return cls(groups, **kwargs)
+    return opt
+
+
+def wrap_scaler(scaler: torch.amp.GradScaler, ctx: DistContext) -> torch.amp.GradScaler:
+    """fp16 under FSDP: each rank sees only its gradient shard, so an overflow found on one rank
+    must be all-reduced or ranks would disagree about skipping the step (ShardedGradScaler)."""
+    if ctx.mode != "fsdp" or not scaler.is_enabled():
+        return scaler
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return ShardedGradScaler(ctx.device.type)
 
 
 def no_sync_unless(model: torch.nn.Module, ctx: DistContext, last: bool):
-    """DDP's no_sync() on all but the last micro-batch (gradients all-reduced once per step)."""
+    """DDP's no_sync() on all but the last micro-batch (gradients all-reduced once per step).
+
+    FSDP has no no_sync here on purpose: deferring its reduce-scatter would keep full-size
+    gradients on every rank between micro-batches, undoing the memory it saves."""
     if not last and hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()
@@ -58,19 +209,90 @@ def mean_across_ranks_tensor(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.world_size == 1:
         return t
     t = t.detach().clone()
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t / ctx.world_size
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float, ctx: DistContext) -> torch.Tensor:
-    """Clip the global grad norm to max_norm; return the norm *before* clipping."""
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    """Clip the global grad norm to max_norm; return the norm *before* clipping.
+
+    DDP / ZeRO-1: every rank holds the full, already all-reduced gradients, so the local norm
+    is the global one. FSDP: gradients are DTensor shards; torch's clip_grad_norm_ reduces the
+    per-shard norms across ranks and returns a replicated DTensor of the full norm."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm
+
+
+def agree_on_step(
+    loss: torch.Tensor, grad_norm: torch.Tensor, stop: bool, ctx: DistContext
+) -> tuple[float, float, bool]:
+    """The step's one host sync: (loss, grad norm, stop?) as every rank must see them.
+
+    The health verdict and the decision to stop must be identical on every rank, or one rank
+    would skip a step (or leave the loop) that the others take, and the replicas would drift
+    apart or deadlock in the next collective. One all-reduce carries rank 0's loss and norm
+    (the others add exact zeros, so the values are bit-for-bit rank 0's), whether any rank saw
+    a non-finite loss or norm, and whether any rank was asked to stop (SIGTERM)."""
+    if ctx.world_size == 1:
+        loss_f, norm_f = torch.stack([loss.float(), grad_norm.float()]).tolist()
+        return loss_f, norm_f, stop
+    values = torch.stack([loss.float(), grad_norm.float()])
+    if not ctx.is_main:
+        values = torch.zeros_like(values)
+    flags = torch.stack(
+        [
+            (~torch.isfinite(loss.float())).float(),
+            (~torch.isfinite(grad_norm.float())).float(),
+            torch.tensor(float(stop), device=values.device),
+        ]
+    )
+    v = torch.cat([values, flags])
+    dist.all_reduce(v, op=dist.ReduceOp.SUM)
+    loss_f, norm_f, bad_loss, bad_norm, stops = v.tolist()  # host sync: once per step
+    if bad_loss and loss_f == loss_f and abs(loss_f) != float("inf"):
+        loss_f = float("nan")  # another rank's loss was not finite
+    if bad_norm and norm_f == norm_f and abs(norm_f) != float("inf"):
+        norm_f = float("nan")
+    return loss_f, norm_f, stops > 0
+
+
+def eval_batches_total(n: int, ctx: DistContext) -> int:
+    """Held-out micro-batches, rounded up to a multiple of the world size: every rank must run
+    the same number of forwards (FSDP all-gathers inside each) and average the same count."""
+    return -(-n // ctx.world_size) * ctx.world_size
+
+
+def devices_in_use(ctx: DistContext) -> int:
+    """Devices whose peak the MFU divides by: one GPU per rank; CPU ranks share a socket."""
+    if ctx.device.type == "cuda":
+        return ctx.world_size
+    return max(ctx.world_size // max(ctx.local_world_size, 1), 1)
+
+
+def local_model(model: torch.nn.Module, build, ctx: DistContext):
+    """An ordinary, unsharded copy of an FSDP model on rank 0 (None elsewhere) for sampling
+    after the run; other modes return the model itself."""
+    if ctx.mode != "fsdp":
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not ctx.is_main:
+        return None
+    plain = build()
+    plain.load_state_dict(full)
+    return plain
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
 
 
 def shutdown(ctx: DistContext) -> None:
-    if ctx.world_size > 1 and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def wrap_model(model: torch.nn.Module, cfg: ParallelConfig, ctx: DistContext) -> torch.nn.Module:
-    return model
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
