@@ -55,26 +55,29 @@ def hf_config(shape: dict, eot_id: int | None, dtype: str) -> dict:
     }
 
 
-def generation_config(shape: dict, eot_id: int | None) -> dict:
-    """`stalwart sample`'s defaults, so HF's `generate()` samples the same way by default."""
+def generation_config(eot_id: int | None) -> dict:
+    """`stalwart sample`'s defaults, so HF's `generate()` samples the same way by default.
+
+    No max_length: callers pass max_new_tokens, and both together make transformers warn.
+    (The context is config.json's n_positions; learned positions end there.)
+    """
     return {
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
         "do_sample": True,
         "temperature": 0.8,
         "top_k": 50,
-        "max_length": shape["block_size"],  # learned positions: nothing exists past the context
     }
 
 
 def _write_hf(d: Path, sd: dict, shape: dict, tok, dtype: str) -> None:
     from safetensors.torch import save_file
 
-    eot = tok.eot_id if tok is not None else None
+    eot = shape["eot_id"]
     hf = to_hf_state(sd, shape["n_layer"], shape["n_embd"])
     save_file(hf, str(d / "model.safetensors"), metadata={"format": "pt"})
     (d / "config.json").write_text(json.dumps(hf_config(shape, eot, dtype), indent=2) + "\n")
-    gen = generation_config(shape, eot)
+    gen = generation_config(eot)
     (d / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
@@ -91,8 +94,8 @@ def _write_safetensors(d: Path, sd: dict, shape: dict, tok, dtype: str) -> None:
         "linear_layout": "out_in",  # like torch.nn.Linear: y = x W^T + b
         "tie_word_embeddings": True,  # lm_head.weight is transformer.wte.weight (stored once)
         "dtype": TORCH_NAMES[dtype],
-        "tokenizer": tok.spec if tok is not None else None,
-        "eot_id": tok.eot_id if tok is not None else None,
+        "tokenizer": shape["tokenizer"],
+        "eot_id": shape["eot_id"],
     }
     (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -105,12 +108,13 @@ def _tokenizer(ckpt: Path, meta: dict, data_dir: str, notes: list[str]):
 
     try:
         return checkpoint_tokenizer(ckpt, meta, data_dir)
-    except UserError as e:
+    except UserError:
         if meta.get("tokenizer") != "gpt2":
             raise
         notes.append(
-            f"no tokenizer files written ({e}); GPT-2's own tokenizer files "
-            "(openai-community/gpt2) fit this model"
+            "no tokenizer files written: tiktoken's GPT-2 vocabulary could not be loaded (set "
+            "TIKTOKEN_CACHE_DIR to a cached copy and export again, or use the tokenizer files of "
+            "openai-community/gpt2: the same vocabulary)"
         )
         return None
 
@@ -138,10 +142,13 @@ def export(path: str | Path, fmt: str, out: str | Path, dtype: str = "fp32", for
     shape = {**shape_of(sd), "n_head": cfg.model.n_head, "dropout": cfg.model.dropout}
     notes: list[str] = []
     tok = _tokenizer(ckpt, meta, cfg.data.dir, notes)
+    spec = meta.get("tokenizer", "byte")
+    eot = tok.eot_id if tok is not None else 50256  # None only for gpt2 offline: its <|endoftext|>
+    shape |= {"tokenizer": spec, "eot_id": eot}
     if fmt == "hf" and not shape["bias"]:
         notes.append("the model has no biases and GPT2LMHeadModel always does: zeros were written")
     step = ck.verify(ckpt).step
-    info = {"format": fmt, "dtype": dtype, "tokenizer": meta.get("tokenizer", "byte")}
+    info = {"format": fmt, "dtype": dtype, "tokenizer": spec}
     info |= {"bias": shape["bias"], "source": str(ckpt), "step": step, "notes": notes}
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -177,13 +184,11 @@ def fit_problems(src: dict, cfg, vocab_size: int) -> list[str]:
         if got is not None and got != have:
             out.append(f"{name} is {got}, the model's {have} (set --model.{name} {got})")
     v = src["vocab_size"]
-    if v != vocab_size:
-        hint = (
-            f"set --model.vocab_size {v} if the data was prepared with the same tokenizer"
-            if v > vocab_size
-            else "prepare the data with the checkpoint's tokenizer"
+    if v != vocab_size:  # the model's comes from --model.vocab_size or else the dataset's
+        out.append(
+            f"vocab_size is {v}, the model's {vocab_size} (prepare the data with the "
+            f"checkpoint's tokenizer and set --model.vocab_size {v})"
         )
-        out.append(f"vocab_size is {v}, the model's {vocab_size} ({hint})")
     if src["block_size"] < cfg.block_size:
         out.append(
             f"block_size is {src['block_size']}, the model's {cfg.block_size} "
