@@ -47,6 +47,25 @@ def cmd_train(args, rest) -> int:
     return 0
 
 
+def cmd_bench(args, rest) -> int:
+    import json
+
+    from stalwart.bench import format_compare, format_report, run_bench, run_compare
+    from stalwart.config import load_config
+
+    cfg = load_config(args.config, rest)
+    if args.peak_flops is not None:
+        cfg.train.peak_flops = args.peak_flops
+    if args.compare:
+        say = (lambda m: print(m, file=sys.stderr)) if args.json else print
+        res = run_compare(cfg, args.compare, args.steps, args.warmup, say=say)
+        print(json.dumps(res, indent=2) if args.json else format_compare(res))
+    else:
+        res = run_bench(cfg, args.steps, args.warmup)
+        print(json.dumps(res, indent=2) if args.json else format_report(res))
+    return 0
+
+
 def cmd_sample(args, rest) -> int:
     from stalwart.sample import load_any, sample_text
 
@@ -129,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(s)
     s.add_argument("--quiet", action="store_true", help="no progress display")
     s.set_defaults(fn=cmd_train, overrides=True)
+
+    s = sub.add_parser("bench", help="measured tokens/s, MFU, step-time breakdown, peak memory")
+    _config_args(s)
+    s.add_argument("--steps", type=int, default=10, help="timed steps (10)")
+    s.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps first (3)")
+    s.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    s.add_argument(
+        "--compare",
+        choices=["precision", "activation_checkpointing", "compile"],
+        help="run the variants of one setting in this process and print ratios",
+    )
+    s.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (= --train.peak_flops)")
+    s.set_defaults(fn=cmd_bench, overrides=True)
 
     s = sub.add_parser("sample", help="generate text from a run, checkpoint or exported dir")
     s.add_argument("path", help="RUN_DIR, CKPT_DIR or an exported dir (hf or safetensors)")

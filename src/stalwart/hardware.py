@@ -105,6 +105,7 @@ def cuda_matmul_dtype(precision: str) -> str:
 # shape of a small GPT's MLP. The peak is the best of all of them, so MFU is never flattered by a
 # calibration matmul that happened to be slower than the model's own.
 CALIBRATION_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 256, 1024))
+CALIBRATION_SECONDS = 1.5
 
 
 def _matmul_rate(m: int, k: int, n: int, deadline: float) -> float:
@@ -123,14 +124,15 @@ def _matmul_rate(m: int, k: int, n: int, deadline: float) -> float:
     return best
 
 
-def measure_cpu_peak(seconds: float = 1.5, shapes=CALIBRATION_SHAPES) -> float:
+def measure_cpu_peak(seconds: float | None = None, shapes=None) -> float:
     """Sustained fp32 matmul FLOP/s of this CPU with the current torch thread count.
 
     Best-of many single matmuls per shape, best over the shapes: the best a timing can show is
     what the hardware *can* do (a noisy neighbour only ever makes a matmul slower), so best-of is
     the right statistic for a peak, as a median is for a run.
     """
-    per_shape = seconds / len(shapes)
+    shapes = shapes or CALIBRATION_SHAPES
+    per_shape = (seconds or CALIBRATION_SECONDS) / len(shapes)
     best = 0.0
     for m, k, n in shapes:
         best = max(best, _matmul_rate(m, k, n, time.perf_counter() + per_shape))
@@ -210,13 +212,17 @@ def describe_peak(
             return None, f"no {precision} peak for {name} (only fp32 is calibrated); {PEAK_HINT}"
         return cpu_peak_flops(), f"calibrated fp32 matmul, {torch.get_num_threads()} threads"
     if device.type == "cuda":
-        dtype = cuda_matmul_dtype(precision)
-        key = match_device(name)
-        peak = PEAK_FLOPS[key].get(dtype) if key else None
-        if peak is None:
-            return None, f"no {dtype} peak known for {name!r}; {PEAK_HINT}"
-        return peak, f"datasheet {key} {dtype}"
+        return table_peak(name, cuda_matmul_dtype(precision))
     return None, f"no peak known for {name}; {PEAK_HINT}"
+
+
+def table_peak(name: str, dtype: str) -> tuple[float | None, str]:
+    """(peak, source) for a GPU by name from the datasheet table; (None, hint) if unknown."""
+    key = match_device(name)
+    peak = PEAK_FLOPS[key].get(dtype) if key else None
+    if peak is None:
+        return None, f"no {dtype} peak known for {name!r}; {PEAK_HINT}"
+    return peak, f"datasheet {key} {dtype}"
 
 
 def device_peak(device: torch.device, precision: str, override: float = 0.0) -> float | None:
