@@ -1,56 +1,345 @@
-"""Health checks on the training signals (the lesson's debugging playbook, live).
+"""Health checks on the training signals: the lesson's debugging playbook, live.
 
-This is the foundation's minimum: a non-finite loss or gradient norm never reaches the weights.
-The monitor sees every step's loss and pre-clip norm and answers what to do with the step.
+The loop hands the monitor what it reads anyway: before the update, the step's loss and pre-clip
+grad norm (Python floats, one host sync per step that the loop already makes); after it, the
+step's metrics record. The monitor answers what to do with the step ("apply" | "skip" |
+"rollback" | "stop") and which diagnoses to record, at no device cost of its own. recovery.py
+carries out rollbacks and stops; doctor.py re-runs these detectors over a run's records.
+Everything it remembers (windows, counters, rate limits) is in state_dict(), so a resumed
+run's monitor is the one that was saved.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from stalwart.config import HealthConfig
+from stalwart.detectors import (
+    PLAYBOOK,
+    clip_evidence,
+    diagnosis,
+    overfit_evidence,
+    plateau_evidence,
+    repeat_evidence,
+    robust_center,
+    throughput_evidence,
+)
+
+MIN_HISTORY = 20  # losses in the window before a z-score means anything
+RESTORE_STEPS = 5  # steps after a resume judged against the loss window saved in the checkpoint
+SUSTAIN = 5  # slow tokens/s records in a row before a drop counts (one is a GC pause)
+EVALS_KEPT = 5
 
 
 @dataclass
 class Verdict:
-    action: str  # "apply" | "skip" | "rollback" | "stop"
+    action: str = "apply"  # "apply" | "skip" | "rollback" | "stop"
     diagnoses: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # lines for a person (rate-limited)
+    nonfinite: bool = False
+    since: int | None = None  # first step of the trouble: a rollback target must predate it
+
+
+def nonfinite_tensors(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors that hold NaN/Inf. The save path calls this before
+    writing: no NaN weight ever reaches a checkpoint. One host sync per device, per save."""
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            by_device.setdefault(t.device, []).append((name, t))
+    bad = []
+    for items in by_device.values():
+        flags = torch.stack([torch.isfinite(t).all() for _, t in items])
+        bad += [items[i][0] for i in (~flags).nonzero().flatten().tolist()]
+    return bad
 
 
 class HealthMonitor:
-    def __init__(self, cfg: HealthConfig):
-        self.cfg = cfg
-        self.nonfinite_steps = 0
-        self.skipped_steps = 0
+    def __init__(self, cfg: HealthConfig, grad_clip: float = 0.0):
+        self.cfg, self.grad_clip = cfg, grad_clip
+        self.load_state_dict({})
+        self._pending = Verdict()  # diagnoses raised outside check_step (a refused save)
+        self._forced: str | None = None
 
-    def check_step(self, step: int, loss: float, grad_norm: float, scaler_active: bool) -> Verdict:
-        """Decide about a step *before* the optimizer applies it."""
-        if math.isfinite(loss) and (math.isfinite(grad_norm) or scaler_active):
-            # fp16: an overflowing gradient is the GradScaler's business (it skips the step and
-            # halves the scale), not a health problem
-            return Verdict("apply")
-        self.nonfinite_steps += 1
-        self.skipped_steps += 1
-        diag = {
-            "event": "diagnosis",
-            "step": step,
-            "symptom": "nonfinite",
-            "evidence": f"loss={loss}, grad_norm={grad_norm}",
-            "cause": "LR too high, no warmup, or NaN in the data",
-            "fix": "lower the LR 10x, add warmup, check the data",
-        }
+    # ---- before the update ----------------------------------------------------------------
+
+    def check_step(self, step: int, loss: float, grad_norm: float, scaler_active=False) -> Verdict:
+        """Decide about step `step` (counting from 1) *before* the optimizer applies it."""
+        v, self._pending = self._pending, Verdict()
+        self.step = step
+        # fp16: an overflowing gradient with a finite loss is the GradScaler's business (it
+        # skips the step and halves the scale), not a health problem
+        if not (math.isfinite(loss) and (math.isfinite(grad_norm) or scaler_active)):
+            self._nonfinite(v, step, loss, grad_norm)
+            return v
+        self.consecutive_nonfinite = 0
+        if self._forced:  # the weights went bad (a refused save): this step cannot help
+            v.action, v.since, self._forced = self._forced, step - 1, None
+            return v
+        if self.cfg.enabled:
+            if self._restore is not None:
+                self._after_restore(v, step, loss)  # judged against the saved window instead
+            elif self._is_spike(loss):
+                self._spike(v, step, loss, grad_norm)
+                return v
+            self.consecutive_spikes = 0
+        self.losses.append(loss)
+        self.train_sum, self.train_n = self.train_sum + loss, self.train_n + 1
+        return v
+
+    def _nonfinite(self, v: Verdict, step: int, loss: float, grad_norm: float) -> None:
+        v.nonfinite = True
+        self.counts["nonfinite"] += 1
+        self.consecutive_nonfinite += 1
+        n = self.consecutive_nonfinite
+        if n == 1:
+            self.trouble_since = step
+        evidence = f"loss={loss:.4g}, pre-clip grad norm={grad_norm:.4g}"
+        evidence += f" ({n} steps in a row)" if n > 1 else ""
         if not self.cfg.enabled or self.cfg.on_nan == "ignore":
-            return Verdict("apply", [diag])
-        return Verdict("skip", [diag])
+            self._emit(v, diagnosis("nonfinite", step, evidence, action="none"))
+            return
+        if step <= self.cfg.early_steps:  # at once: nothing good to roll back to
+            symptom, action = "nonfinite_early", "stop" if n >= self.cfg.nan_patience else "skip"
+        else:  # later: skip; roll back at once (on_nan=rollback) or when it repeats
+            symptom = "nonfinite"
+            repeated = n >= self.cfg.nan_patience
+            action = "rollback" if self.cfg.on_nan == "rollback" or repeated else "skip"
+        v.action, v.since = action, self.trouble_since
+        self._emit(v, diagnosis(symptom, step, evidence, action=action))
+
+    def _is_spike(self, loss: float) -> bool:
+        if len(self.losses) < MIN_HISTORY:
+            return False
+        med, sigma = robust_center(self.losses)
+        # and 5% above the median: a window of near-identical losses has a tiny sigma
+        return loss > med + max(self.cfg.spike_zscore * sigma, 0.05 * abs(med))
+
+    def _spike(self, v: Verdict, step: int, loss: float, grad_norm: float) -> None:
+        self.counts["spikes"] += 1
+        self.consecutive_spikes += 1
+        self.spike_steps.append(step)
+        if self.consecutive_spikes == 1:
+            self.trouble_since = step - 1  # the update before the spike may be the culprit
+        med, sigma = robust_center(self.losses)
+        evidence = (
+            f"loss {loss:.4g} = median {med:.4g} + {(loss - med) / sigma:.1f} robust std devs "
+            f"of the last {len(self.losses)} steps; pre-clip grad norm {grad_norm:.3g}"
+        )
+        if self.consecutive_spikes >= self.cfg.nan_patience:  # not isolated: diverging
+            action = "apply" if self.cfg.on_spike == "ignore" else "rollback"
+            evidence = f"{self.consecutive_spikes} spikes in a row; {evidence}"
+            d = diagnosis("divergence", step, evidence, action=action)
+        else:
+            action = {"ignore": "apply", "skip": "skip", "rollback": "rollback"}[self.cfg.on_spike]
+            horizon = 10 * self.cfg.window
+            recent = sum(1 for s in self.spike_steps if s > step - horizon)
+            frequent = recent >= 3
+            if frequent:
+                evidence += f"; {recent} spikes in the last {horizon} steps"
+            d = diagnosis(
+                "loss_spike", step, evidence, severity="warning" if frequent else None, action=action
+            )
+        v.action, v.since = action, self.trouble_since
+        self._emit(v, d)
+
+    def _after_restore(self, v: Verdict, step: int, loss: float) -> None:
+        r = self._restore
+        r["losses"].append(loss)
+        if len(r["losses"]) < RESTORE_STEPS:
+            return
+        self._restore = None
+        mean = statistics.fmean(r["losses"])
+        # the mean of 5 steps has a fifth of the noise of one: 3 single-step sigmas is far out
+        if mean - r["median"] > 3 * r["sigma"]:
+            evidence = (
+                f"mean loss {mean:.4g} over the {len(r['losses'])} steps after resuming at step "
+                f"{r['at']}, vs median {r['median']:.4g} (robust std {r['sigma']:.3g}) of the "
+                f"{r['n']} steps saved with the checkpoint"
+            )
+            self._emit(v, diagnosis("diverged_after_restore", step, evidence))
+            self.losses.clear()  # a new level: the old window would call every step a spike
+
+    # ---- after the update: the step's record ------------------------------------------------
+
+    def observe(self, record: dict, digest: str | None = None) -> Verdict:
+        """Trend detectors over the step's metrics record (and the batch's hash)."""
+        v = Verdict()
+        if not self.cfg.enabled:
+            return v
+        step = int(record["step"])
+        norm = _number(record.get("grad_norm"))
+        if norm is not None and not record.get("skipped"):
+            self.norms.append(norm)
+            self.clipped.append(bool(record.get("clipped")))
+        if _number(record.get("lr")) is not None:
+            self.lrs.append(float(record["lr"]))
+        if digest:
+            self.digests.append(digest)
+        # windowed detectors judge a full window that lies after the grace period
+        judged = step > self.cfg.grace_steps + self.cfg.window
+        c = self.cfg
+        self._condition(v, "repeated_batches", step, repeat_evidence(self.digests))
+        clip = clip_evidence(self.clipped, self.norms, self.grad_clip, c.clip_rate, c.clip_factor)
+        self._condition(v, "clipping", step, clip if judged else None)
+        flat = plateau_evidence(list(self.losses), self.lrs, c.plateau_lr)
+        self._condition(v, "plateau", step, flat if judged else None)
+        tps = _number(record.get("tokens_per_sec"))
+        if tps is not None:
+            self._throughput(v, step, tps, _number(record.get("data_wait_frac")))
+        val = _number(record.get("val_loss"))
+        if val is not None:
+            train = self.train_sum / self.train_n if self.train_n else record.get("train_loss")
+            self.evals.append([step, val, float(train)])
+            self.evals = self.evals[-EVALS_KEPT:]
+            self.train_sum, self.train_n = 0.0, 0
+            self._condition(v, "overfitting", step, overfit_evidence(self.evals))
+        return v
+
+    def _throughput(self, v: Verdict, step: int, tps: float, wait: float | None) -> None:
+        base = list(self.tps)
+        if len(base) >= 5 and tps < self.cfg.throughput_drop * statistics.median(base):
+            self.slow.append(tps)  # kept out of the baseline: a drop must not become normal
+        else:
+            self.slow.clear()
+            self.tps.append(tps)
+        found = None
+        if len(self.slow) >= SUSTAIN and step > self.cfg.grace_steps:
+            found = throughput_evidence(base, self.slow, self.cfg.throughput_drop, wait)
+        self._condition(v, "throughput_drop", step, found)
+
+    # ---- recording --------------------------------------------------------------------------
+
+    def _condition(self, v: Verdict, symptom: str, step: int, found) -> None:
+        """A lasting condition is diagnosed when it starts; again only after it has cleared."""
+        if not found:
+            self.active.discard(symptom)
+            return
+        if symptom in self.active:
+            return
+        self.active.add(symptom)
+        evidence, cause = found if isinstance(found, tuple) else (found, None)
+        self._emit(v, diagnosis(symptom, step, evidence, cause=cause))
+
+    def _emit(self, v: Verdict, d: dict) -> None:
+        """Every diagnosis is recorded; a person hears of a symptom when it first fires and
+        then at most once per 10 windows of steps (with the count), not on every step."""
+        v.diagnoses.append(d)
+        f = self.fired.setdefault(d["symptom"], {"first": d["step"], "count": 0, "printed": None})
+        f["count"] += 1
+        if f["printed"] is None or d["step"] - f["printed"] >= 10 * self.cfg.window:
+            f["printed"] = d["step"]
+            v.notes.append(format_note(d, f["count"]))
+
+    # ---- recovery support -------------------------------------------------------------------
+
+    def lr_scale(self, step: int) -> float:
+        """The LR multiplier of `step`: health.lr_backoff for a while after a rollback."""
+        return self.cfg.lr_backoff if step < self.backoff_until else 1.0
+
+    def safe_to_save(self, model_state: dict, step: int) -> bool:
+        """The save path asks before writing: False (and a critical diagnosis, and a rollback
+        at the next step) when the weights hold NaN/Inf."""
+        bad = nonfinite_tensors(model_state)
+        if not bad:
+            return True
+        evidence = f"{len(bad)} weight tensors hold NaN/Inf ({', '.join(bad[:3])}); not saved"
+        stop = self.cfg.on_nan == "ignore" or not self.cfg.enabled
+        self._forced = "stop" if stop else "rollback"
+        self._emit(self._pending, diagnosis("nonfinite_weights", step, evidence, action=self._forced))
+        return False
+
+    def take_pending(self) -> Verdict:
+        v, self._pending = self._pending, Verdict()
+        return v
+
+    def after_rollback(self, to_step: int) -> None:
+        self.counts["rollbacks"] += 1
+        self.backoff_until = to_step + self.cfg.backoff_steps
+        self.consecutive_nonfinite = self.consecutive_spikes = 0
+        self.trouble_since, self._restore, self._forced = None, None, None
+
+    # ---- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"nonfinite_steps": self.nonfinite_steps, "skipped_steps": self.skipped_steps}
+        return {
+            "step": self.step,
+            "losses": list(self.losses),
+            "norms": list(self.norms),
+            "clipped": list(self.clipped),
+            "lrs": list(self.lrs),
+            "digests": list(self.digests),
+            "tps": list(self.tps),
+            "slow": list(self.slow),
+            "evals": [list(e) for e in self.evals],
+            "train_sum": self.train_sum,
+            "train_n": self.train_n,
+            "counts": dict(self.counts),
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "consecutive_spikes": self.consecutive_spikes,
+            "trouble_since": self.trouble_since,
+            "spike_steps": list(self.spike_steps),
+            "backoff_until": self.backoff_until,
+            "active": sorted(self.active),
+            "fired": {k: dict(f) for k, f in self.fired.items()},
+        }
 
     def load_state_dict(self, d: dict) -> None:
-        self.nonfinite_steps = int(d.get("nonfinite_steps", 0))
-        self.skipped_steps = int(d.get("skipped_steps", 0))
+        w = self.cfg.window
+        self.step = int(d.get("step", 0))
+        self.losses = deque(d.get("losses", []), maxlen=w)
+        self.norms = deque(d.get("norms", []), maxlen=w)
+        self.clipped = deque(d.get("clipped", []), maxlen=w)
+        self.lrs = deque(d.get("lrs", []), maxlen=w)
+        self.digests = deque(d.get("digests", []), maxlen=w)
+        self.tps = deque(d.get("tps", []), maxlen=w)
+        self.slow = deque(d.get("slow", []), maxlen=w)
+        self.evals = [list(e) for e in d.get("evals", [])]
+        self.train_sum, self.train_n = float(d.get("train_sum", 0.0)), int(d.get("train_n", 0))
+        self.counts = {"nonfinite": 0, "skipped": 0, "spikes": 0, "rollbacks": 0}
+        self.counts.update(d.get("counts", {}))
+        self.consecutive_nonfinite = int(d.get("consecutive_nonfinite", 0))
+        self.consecutive_spikes = int(d.get("consecutive_spikes", 0))
+        self.trouble_since = d.get("trouble_since")
+        self.spike_steps = deque(d.get("spike_steps", []), maxlen=w)
+        self.backoff_until = int(d.get("backoff_until", 0))
+        self.active = set(d.get("active", []))
+        self.fired = {k: dict(f) for k, f in d.get("fired", {}).items()}
+        # a resume: the next steps are judged against the losses saved with the checkpoint
+        self._restore = None
+        if len(self.losses) >= 10:
+            med, sigma = robust_center(self.losses)
+            self._restore = {"at": self.step, "median": med, "sigma": sigma, "n": len(self.losses)}
+            self._restore["losses"] = []
 
 
-def build_monitor(cfg: HealthConfig) -> HealthMonitor:
-    return HealthMonitor(cfg)
+def _number(v) -> float | None:
+    """A finite float from a record field (records write NaN as the string "nan")."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def format_note(d: dict, count: int = 1) -> str:
+    more = f" ({count} times so far)" if count > 1 else ""
+    return (
+        f"doctor: step {d['step']}: [{d['severity']}] {PLAYBOOK[d['symptom']].row}{more}: "
+        f"{d['evidence']}. Likely cause: {d['cause']}. Fix: {d['fix']}"
+    )
+
+
+def build_monitor(cfg: HealthConfig, grad_clip: float = 0.0) -> HealthMonitor:
+    return HealthMonitor(cfg, grad_clip)
+
+
+def checkpoint_is_safe(model_state: dict, monitor=None, step: int = 0) -> bool:
+    """The save path's guard (ckpt_manager calls it before writing): False when the weights
+    hold NaN/Inf. The monitor, if given, records the refusal and rolls back at the next step."""
+    if isinstance(monitor, HealthMonitor):
+        return monitor.safe_to_save(model_state, step)
+    return not nonfinite_tensors(model_state)
