@@ -34,6 +34,7 @@ from stalwart import checkpoint as ck
 from stalwart import trainstate
 from stalwart.config import Config
 from stalwart.errors import UserError
+from stalwart.health import checkpoint_is_safe
 from stalwart.metrics import MetricsLog, truncate_after
 
 # Writer threads of this process still running: a later train() in the same process (tests,
@@ -354,6 +355,9 @@ class CheckpointManager:
             else (None, None)
         )
         self._last_save = time.monotonic()
+        # never write NaN weights: the newest checkpoint stays the last good one (health.py)
+        if model_state is not None and not checkpoint_is_safe(model_state, p.monitor, p.loop.step):
+            return
         info = {
             "step": p.loop.step,
             "tokens": p.loop.tokens,

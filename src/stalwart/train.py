@@ -26,6 +26,7 @@ from stalwart.metrics import MetricsLog, Progress, StepTimer, throughput_record
 from stalwart.model import build_model, flops_per_token, hardware_flops_per_token
 from stalwart.optim import build_optimizer
 from stalwart.precision import build_precision
+from stalwart.recovery import Recovery
 from stalwart.schedule import schedule_lr
 from stalwart.trainstate import LoopState
 
@@ -41,6 +42,7 @@ class RunResult:
     stopped_early: bool = False
     stop_signal: int | None = None  # SIGTERM/SIGINT that stopped the run (after a checkpoint)
     is_main: bool = True  # rank 0 (the one that reports) of a distributed run
+    health_stop: dict | None = None  # the critical diagnosis with which the doctor stopped it
 
 
 def forward_backward(model, micro_batches, prec, grad_accum: int, ctx) -> torch.Tensor:
@@ -161,7 +163,8 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
         ctx.rank,
         ctx.world_size,
     )
-    monitor = build_monitor(cfg.health)
+    probe_batch = eval_batches(data.val, cfg.model.block_size, micro, 1, cfg.run.seed)
+    monitor = build_monitor(cfg.health, cfg.optim.grad_clip)
     loop = LoopState()
     display = Progress(cfg.train.max_steps, enabled=progress and ctx.is_main)
     say = display.message
@@ -173,8 +176,9 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
         TrainParts(raw_model, opt, prec.scaler, loader, monitor, loop),
         is_main=ctx.is_main,
         data_meta=data.meta,
-        # the continuity probe: a fixed held-out batch, eval mode, no grad, deterministic
-        probe=lambda: evaluate(model, val_batches[:1], prec, ctx),
+        # the continuity probe: a fixed held-out batch, eval mode, no grad, deterministic (the
+        # same batch on every rank, so that it does not depend on the world size)
+        probe=lambda: evaluate(model, probe_batch, prec, ctx),
         precision=prec.name,
         say=say,
         ctx=ctx,  # distributed runs save and restore through dist_checkpoint (any layout)
@@ -185,6 +189,10 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
         opt.state.clear()  # fault injection: a resume that forgets Adam's moments (playbook)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
     ckpts.attach_log(log)  # the resume records, then every checkpoint event
+    # the doctor's hands: skip, roll back (through the checkpoint manager), stop
+    medic = Recovery(
+        cfg.health, monitor, loader, loop, raw_model, vocab, log, say, ckpts.restore_latest
+    )
     if ctx.is_main:
         (run_dir / "config.toml").write_text(to_toml(cfg))
     display._start_step = loop.step
@@ -208,6 +216,7 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
             s = loop.step
             # 1. the LR of this step, written into every param group (a pure function of s)
             lr = schedule_lr(cfg.schedule, cfg.optim, s, cfg.train.max_steps)
+            lr *= monitor.lr_scale(s)  # health.lr_backoff for a while after a rollback
             for g in opt.param_groups:
                 g["lr"] = lr
             # 2. clear gradients (set_to_none: frees memory and skips a memset)
@@ -220,7 +229,12 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
                 loader.position -= 1
             if "before_backward" in hooks:
                 hooks["before_backward"](s, batches)
-            loss = forward_backward(model, batches, prec, cfg.train.grad_accum, ctx)
+            try:
+                loss = forward_backward(model, batches, prec, cfg.train.grad_accum, ctx)
+            except (IndexError, RuntimeError):
+                if not medic.explain_crash(s + 1, batches):  # token ids out of range: stop
+                    raise
+                break
             timer.lap("fwd_bwd")
             # keyed to the batch, not the step: a bad batch stays bad, and a rollback that skips
             # its data window never sees it again
@@ -237,11 +251,13 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
                 loss, grad_norm, stop.signum is not None, ctx
             )
             verdict = monitor.check_step(s + 1, loss_f, norm_f, prec.scaler.is_enabled())
-            for d in verdict.diagnoses:
-                log.write(d)
-                say(f"doctor: step {d['step']}: {d['symptom']} ({d['evidence']}): {d['fix']}")
+            action = medic.act(verdict, s + 1, batches)  # records and prints the diagnoses
+            if action == "stop":  # the doctor gives up (critical diagnosis; exit code 3)
+                break
+            if action == "rolled_back":  # a good checkpoint is back: start the step over
+                continue
             # 6. the update (GradScaler skips it by itself when fp16 gradients overflowed)
-            if verdict.action == "apply":
+            if action == "apply":
                 prec.scaler.step(opt)
             prec.scaler.update()
             timer.lap("optim")
@@ -257,7 +273,7 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
                 "clipped": norm_f > max_norm,
                 "tokens": loop.tokens,
             }
-            if verdict.action != "apply":
+            if action != "apply":
                 record["skipped"] = True
             last = loop.step == cfg.train.max_steps
             if loop.step % cfg.train.log_interval == 0 or last:
@@ -274,6 +290,7 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
                 _debug_pause(cfg.debug.pause_in_eval_s, f"evaluation at step {loop.step}")
                 val_loss = evaluate(model, val_batches, prec, ctx)
                 record["val_loss"] = val_loss
+            medic.report(monitor.observe(record, loader.last_digest))  # the trend detectors
             if "tokens_per_sec" in record or evaluate_now:
                 log.write(record)
                 display.update(
@@ -296,6 +313,7 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
                 hooks["after_step"](loop.step, record)
 
     ckpts.close()  # waits for an asynchronous save (and raises its error)
+    health_stop = medic.finish()
     if stopping:
         say(
             f"stopped by signal {stop.signum} at step {loop.step}; checkpoint saved, resume with "
@@ -317,6 +335,7 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
         stopped_early=stopping,
         stop_signal=stop.signum if stopping else None,
         is_main=ctx.is_main,
+        health_stop=health_stop,
     )
 
 
