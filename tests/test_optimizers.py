@@ -3,6 +3,7 @@ and the optimizer-state memory accounting."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -232,6 +233,9 @@ def test_muon_groups_state_and_update():
         "transformer.wpe.weight",
     }
     assert hidden["lr_ratio"] == pytest.approx(20.0) and flat["weight_decay"] == 0.0
+    # every group key is a constructor argument: a rebuild from the groups (ZeRO-1) keeps them
+    accepted = set(inspect.signature(muon.Muon.__init__).parameters)
+    assert all(set(g) - {"params"} <= accepted for g in opt.param_groups)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     idx = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     model(idx, idx)[1].backward()

@@ -84,10 +84,21 @@ class Muon(torch.optim.Optimizer):
     lr * lr_ratio), weight_decay, momentum (Muon groups), betas and eps (AdamW groups).
     """
 
-    def __init__(self, groups, lr=6e-4, momentum=0.95, betas=(0.9, 0.95), eps=1e-8):
+    def __init__(
+        self,
+        groups,
+        lr: float = 6e-4,
+        lr_ratio: float = 1.0,
+        momentum: float = 0.95,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        use_muon: bool = False,
+    ):
+        # every group key is an argument, so a rebuild from `defaults` (ZeRO-1) keeps them all
         defaults = dict(
-            lr=lr, lr_ratio=1.0, momentum=momentum, betas=betas, eps=eps, weight_decay=0.0,
-            use_muon=False,
+            lr=lr, lr_ratio=lr_ratio, momentum=momentum, betas=betas, eps=eps,
+            weight_decay=weight_decay, use_muon=use_muon,
         )  # fmt: skip
         super().__init__(groups, defaults)
 
