@@ -93,7 +93,14 @@ def _write_bytes(path: Path, data: bytes) -> dict:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
-    save_file(tensors, str(path))
+    try:
+        save_file(tensors, str(path))
+    except Exception as e:  # safetensors reports a failed write as "... (os error 28)"
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
     _fsync_file(path)
     return _file_record(path)  # hashed from what the file system now holds
 

@@ -1,4 +1,10 @@
-"""`stalwart ckpt list|verify RUN_DIR`: the checkpoints of a run and their integrity."""
+"""`stalwart ckpt list|verify RUN_DIR`: the checkpoints of a run and their integrity.
+
+Both re-hash every file against its manifest. `verify` exits 1 if any checkpoint is corrupt
+(naming it and what is wrong) or if the run has no valid checkpoint at all; stray temporary
+directories (interrupted saves) and files a manifest does not list are reported, never loaded.
+A checkpoint directory may be given instead of a run directory.
+"""
 
 from __future__ import annotations
 
@@ -6,46 +12,68 @@ import time
 from pathlib import Path
 
 from stalwart import checkpoint as ck
+from stalwart.ckpt_manager import owner_state
 from stalwart.errors import UserError
 
+_OWNER = {
+    "dead": "its writer is gone: an interrupted save, safe to delete (the next save does)",
+    "self": "an interrupted save of this process",
+    "alive": "its writer is still running: a save in progress?",
+    "unknown": "written on another host or by another tool: check before deleting",
+}
 
-def _all_checkpoints(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
+
+def _checkpoints(path: Path) -> tuple[list[Path], Path | None]:
+    """(checkpoint dirs, the checkpoints/ root or None when `path` is one checkpoint)."""
+    if (path / ck.MANIFEST).is_file() or ck.STEP_RE.match(path.name):
+        return [path], None
+    root = path / "checkpoints"
     if not root.is_dir():
-        raise UserError(f"{run_dir} has no checkpoints/ directory: is it a run directory?")
+        raise UserError(f"{path} has no checkpoints/ directory: give a run or checkpoint dir")
     dirs = ck.step_dirs(root)
     if (root / "best").is_dir():
         dirs.append(root / "best")
-    return dirs
+    return dirs, root
 
 
 def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _row(d: Path, info: ck.CheckpointInfo) -> str:
+    m = info.manifest
+    saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created"])) if m else "?"
+    val = m.get("val_loss") if m else None
+    val_s = f"{val:.4f}" if isinstance(val, float) else "-"
+    status = "ok" if info.ok else f"CORRUPT: {info.problem}"
+    step = "-" if info.step is None else str(info.step)
+    return f"{d.name:<16} {step:>8} {saved:<19} {val_s:>9} {_size(d) / 1e6:>9.2f}MB  {status}"
 
 
 def run_ckpt(action: str, run_dir: Path) -> int:
-    dirs = _all_checkpoints(run_dir)
-    stray = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(ck.TMP_PREFIX)]
-    bad = 0
+    dirs, root = _checkpoints(Path(run_dir))
     if action == "list":
-        print(f"{'name':<16} {'step':>8} {'saved':<19} {'val_loss':>9} {'size':>10}  status")
+        print(f"{'name':<16} {'step':>8} {'saved':<19} {'val_loss':>9} {'size':>11}  status")
+    bad = []
     for d in dirs:
         info = ck.verify(d)
-        bad += not info.ok
-        status = "ok" if info.ok else f"CORRUPT: {info.problem}"
+        if not info.ok:
+            bad.append(d)
         if action == "list":
-            m = info.manifest
-            saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created"])) if m else "?"
-            val = m.get("best_val") if m else None
-            val_s = f"{val:.4f}" if isinstance(val, float) and val < float("inf") else "-"
-            print(
-                f"{d.name:<16} {str(info.step or '-'):>8} {saved:<19} {val_s:>9} "
-                f"{_size(d) / 1e6:>8.2f}MB  {status}"
-            )
+            print(_row(d, info))
         elif not info.ok:
             print(f"CORRUPT {d}: {info.problem}")
-    for p in stray:
-        print(f"stray temporary directory {p} (an interrupted save; safe to delete)")
+        if info.unlisted:
+            print(
+                f"  {d.name}: files not in its manifest, never loaded: {', '.join(info.unlisted)}"
+            )
+    for t in ck.temp_dirs(root) if root else []:
+        print(f"stray temporary directory {t} ({_OWNER[owner_state(t)]})")
+    for a in sorted(root.glob("abandoned-*")) if root else []:
+        print(f"set aside: {a.name} (newer than a checkpoint a run resumed or rolled back to)")
+    ok = len(dirs) - len(bad)
     if action == "verify":
-        print(f"{len(dirs) - bad}/{len(dirs)} checkpoints ok" + (f", {bad} corrupt" if bad else ""))
-    return 1 if (bad and action == "verify") else 0
+        print(f"{ok}/{len(dirs)} checkpoints ok" + (f", {len(bad)} corrupt" if bad else ""))
+        if not dirs:
+            print(f"no checkpoints in {run_dir}")
+    return 1 if action == "verify" and (bad or not ok) else 0

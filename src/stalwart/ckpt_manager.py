@@ -174,12 +174,15 @@ class CheckpointManager:
         drop metrics records of the steps after it (they are replayed). None = fresh start."""
         for t in list(_INFLIGHT):
             t.join()
-        for t in ck.temp_dirs(self.root):
-            self.say(f"stray temporary directory {t.name} (an interrupted save): never loaded")
+        strays = [t.name for t in ck.temp_dirs(self.root)]
+        for name in strays:
+            self.say(f"stray temporary directory {name} (an interrupted save): never loaded")
         chosen = self._choose()
         if chosen is None:
             if self.is_main:  # records of a killed attempt that never saved are replayed too
                 truncate_after(self.run_dir / "metrics.jsonl", 0)
+            if strays:
+                self._emit({"event": "stray_temp_dirs", "step": 0, "paths": strays})
             return None
         path, model_state, state = chosen
         changes = trainstate.check_compatible(
@@ -190,7 +193,8 @@ class CheckpointManager:
         step = self.parts.loop.step
         if self.is_main:
             truncate_after(self.run_dir / "metrics.jsonl", step)
-        self._emit({"event": "resume", "step": step, "from": str(path), "changes": changes})
+        record = {"event": "resume", "step": step, "from": str(path), "changes": changes}
+        self._emit({**record, "stray_temp_dirs": strays} if strays else record)
         self.say(
             f"resumed from {path} at step {step}"
             + (f" (changed: {'; '.join(changes)})" if changes else "")

@@ -44,7 +44,9 @@ def cmd_train(args, rest) -> int:
     result = train(cfg, progress=not args.quiet)
     if result.is_main:  # one report per job, not one per rank
         print_run_summary(cfg, result)
-    return 0
+    # Stopped by SIGTERM/SIGINT after saving: 128 + signum (143, 130), the shell's convention,
+    # so a scheduler sees "interrupted, resumable", not "finished" (0 would end a k8s Job)
+    return 128 + result.stop_signal if getattr(result, "stop_signal", None) else 0
 
 
 def cmd_bench(args, rest) -> int:
