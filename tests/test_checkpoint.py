@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from stalwart import checkpoint as ck
 from stalwart import trainstate
-from stalwart.ckpt_manager import compare_probe, probe_tolerance, retention_plan
+from stalwart.ckpt_resume import compare_probe, probe_tolerance
+from stalwart.ckpt_retention import retention_plan
 from stalwart.cli import main as cli_main
 from stalwart.errors import UserError
 from stalwart.metrics import read_metrics

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from stalwart import checkpoint as ck
-from stalwart.ckpt_manager import owner_state
+from stalwart.ckpt_retention import owner_state
 from stalwart.errors import UserError
 
 _OWNER = {

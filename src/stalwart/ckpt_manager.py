@@ -16,10 +16,6 @@ trainstate.py. The doctor (rollback) calls `restore_latest()`, or, without a man
 from __future__ import annotations
 
 import functools
-import math
-import os
-import shutil
-import socket
 import sys
 import threading
 import time
@@ -31,7 +27,7 @@ from typing import Any
 import torch
 
 from stalwart import checkpoint as ck
-from stalwart import trainstate
+from stalwart import ckpt_resume, ckpt_retention, trainstate
 from stalwart.config import Config
 from stalwart.errors import UserError
 from stalwart.health import checkpoint_is_safe
@@ -52,54 +48,6 @@ class TrainParts:
     loader: Any
     monitor: Any
     loop: trainstate.LoopState
-
-
-# ----------------------------------------------------------------------------------------------
-# Pure policy: what rotation deletes, how close a restored probe loss must be
-
-
-def retention_plan(steps: list[int], keep_last: int, milestone_interval: int = 0) -> list[int]:
-    """Steps whose checkpoints rotation deletes: all but the newest `keep_last`, milestones
-    (multiples of `milestone_interval`) never. The newest is always kept (keep_last >= 1)."""
-    ring = set(sorted(steps)[-max(keep_last, 1) :])
-    return [
-        s
-        for s in sorted(steps)
-        if s not in ring and not (milestone_interval and s % milestone_interval == 0)
-    ]
-
-
-def probe_tolerance(saved_precision: str | None, precision: str, loss: float) -> float:
-    """How far a restored probe loss may drift without the state being different.
-
-    Same fp32 numerics give the same bits; another thread count or device moves fp32 by ~1e-7
-    relative, 16-bit autocast by ~1e-3. A broken restore (untrained or wrong weights, a changed
-    model) moves it by far more than these bounds."""
-    rel = 1e-4 if saved_precision == precision == "fp32" else 2e-2
-    return rel * max(1.0, abs(loss))
-
-
-def compare_probe(saved: float, now: float, tol: float) -> str:
-    if now == saved or (math.isnan(now) and math.isnan(saved)):
-        return "exact"
-    return "close" if abs(now - saved) <= tol else "mismatch"
-
-
-def owner_state(path: Path) -> str:
-    """Who owns a temporary directory: 'self' | 'dead' | 'alive' | 'unknown' (another host,
-    or a name in another format). Only 'self' and 'dead' may be deleted safely."""
-    owner = ck.temp_owner(path)
-    if owner is None or owner[1] != socket.gethostname():
-        return "unknown"
-    if owner[0] == os.getpid():
-        return "self"
-    try:
-        os.kill(owner[0], 0)
-    except ProcessLookupError:
-        return "dead"
-    except PermissionError:
-        return "alive"
-    return "alive"
 
 
 class _Background:
@@ -177,7 +125,7 @@ class CheckpointManager:
         strays = [t.name for t in ck.temp_dirs(self.root)]
         for name in strays:
             self.say(f"stray temporary directory {name} (an interrupted save): never loaded")
-        chosen = self._choose()
+        chosen = ckpt_resume.choose_checkpoint(self.run_dir, self.cfg.run.resume, self.say)
         if chosen is None:
             if self.is_main:  # records of a killed attempt that never saved are replayed too
                 truncate_after(self.run_dir / "metrics.jsonl", 0)
@@ -188,7 +136,7 @@ class CheckpointManager:
         changes = trainstate.check_compatible(
             state["config"], self.cfg, self.data_meta, state.get("data_meta")
         )
-        changes += self._adopt_threads(state.get("threads"))
+        changes += ckpt_resume.adopt_threads(state.get("threads"), self.cfg.run.threads)
         changes += self._restore(path, model_state, state)
         step = self.parts.loop.step
         if self.is_main:
@@ -201,32 +149,6 @@ class CheckpointManager:
         )
         return path
 
-    def _choose(self) -> tuple[Path, dict, dict] | None:
-        mode = self.cfg.run.resume
-        if mode != "auto":
-            path = trainstate.find_resume_checkpoint(self.run_dir, mode, self.say)
-            return None if path is None else (path, *ck.read_checkpoint(path, check=False))
-        for path in trainstate.valid_checkpoints(self.root, self.say):
-            try:  # verified just now: read without hashing it all again
-                return (path, *ck.read_checkpoint(path, check=False))
-            except ck.CheckpointUnreadable as e:
-                self.say(f"{e}; trying an older one")
-        if trainstate.resume_candidates(self.root):
-            raise trainstate.none_valid_error(self.run_dir)
-        return None
-
-    def _adopt_threads(self, saved: int | None) -> list[str]:
-        """CPU matmul results depend on the thread count: keep the saved one unless told."""
-        now = torch.get_num_threads()
-        if saved is None or saved == now:
-            return []
-        if not self.cfg.run.threads:
-            torch.set_num_threads(saved)
-            return [f"threads: {saved} (as saved; --run.threads 0)"]
-        return [
-            f"threads: {saved} -> {now} (results will not match an uninterrupted run bit for bit)"
-        ]
-
     def _restore(self, path: Path, model_state: dict, state: dict) -> list[str]:
         p = self.parts
         notes = []
@@ -238,54 +160,23 @@ class CheckpointManager:
             )
         else:
             ck.load_model_state(p.model, model_state)
-        # the probe runs before the RNG is restored, so even a probe that drew random numbers
-        # could not shift the run
-        check = self._check_probe(path, state)
+        # the continuity self-check runs before the RNG is restored, so even a probe that drew
+        # random numbers could not shift the run
+        try:
+            check, diagnosis = ckpt_resume.check_probe(
+                path, state, self.probe, self.precision, self.cfg.ckpt.resume_check
+            )
+        except ckpt_resume.ResumeCheckFailed as e:
+            self._append_now(e.record)
+            raise
         trainstate.restore(state, p.optimizer, p.scaler, p.loader, p.monitor, p.loop)
         self.last_good = path
         self._emit(check)
-        self._abandon_newer(p.loop.step, path)
+        if diagnosis is not None:
+            self.say(f"WARNING: {diagnosis['evidence']}: continuing (--ckpt.resume_check warn)")
+            self._emit(diagnosis)
+        self._set_aside_newer(p.loop.step, path)
         return notes
-
-    def _check_probe(self, path: Path, state: dict) -> dict:
-        """Continuity self-check: the fixed probe batch's loss, recomputed from the restored
-        weights, must be the loss measured when the checkpoint was written."""
-        step = int(state["loop"]["step"])
-        record = {"event": "resume_check", "step": step, "from": str(path)}
-        saved = state.get("probe") or {}
-        mode = self.cfg.ckpt.resume_check
-        if mode == "off" or self.probe is None or "loss" not in saved:
-            return {**record, "status": "off" if mode == "off" else "unavailable"}
-        now = float(self.probe())
-        tol = probe_tolerance(saved.get("precision"), self.precision, saved["loss"])
-        status = compare_probe(saved["loss"], now, tol)
-        record.update(saved_loss=saved["loss"], restored_loss=now, tolerance=tol, status=status)
-        if status != "mismatch":
-            return record
-        evidence = (
-            f"probe-batch loss {now!r} right after restoring {path.name}, {saved['loss']!r} when "
-            f"it was saved (tolerance {tol:.2g})"
-        )
-        if mode == "strict":
-            self._append_now({**record, "action": "refused"})
-            raise UserError(
-                f"resume check failed: {evidence}: the restored state is not the saved one "
-                "(changed model code or precision, or a damaged restore); fix that, or pass "
-                "--ckpt.resume_check warn to continue anyway"
-            )
-        self.say(f"WARNING: resume check failed: {evidence}; continuing (--ckpt.resume_check warn)")
-        self._emit(
-            {
-                "event": "diagnosis",
-                "step": step,
-                "symptom": "restore_mismatch",
-                "evidence": evidence,
-                "cause": "the restored state differs from the saved one (model code, dtype, "
-                "precision or a restore bug): the playbook's 'loss diverges after restore'",
-                "fix": "resume with the code and precision that wrote the checkpoint",
-            }
-        )
-        return {**record, "action": "warned"}
 
     def _append_now(self, record: dict) -> None:
         if self.is_main:
@@ -293,22 +184,16 @@ class CheckpointManager:
             log.write(record)
             log.close()
 
-    def _abandon_newer(self, step: int, restored: Path) -> None:
-        """Checkpoints newer than the one restored belong to a discarded future (corrupt, or
-        rolled back past): move them aside so that a later resume cannot pick them up."""
+    def _set_aside_newer(self, step: int, restored: Path) -> None:
         if self.distributed:  # every rank has chosen its checkpoint before any is moved
             from stalwart import dist_checkpoint
 
             dist_checkpoint._barrier(self.ctx)
         if not self.is_main:
             return
-        for path in trainstate.resume_candidates(self.root):
-            newer = ck.manifest_step(path) if path.name == "best" else ck.step_of(path)
-            if path != restored and newer is not None and newer > step:
-                dest = self.root / f"abandoned-{path.name}-{int(time.time())}"
-                os.rename(path, dest)
-                self.say(f"moved {path.name} (newer than the restored step {step}) to {dest.name}")
-                self._emit({"event": "checkpoint_abandoned", "step": step, "path": str(dest)})
+        for dest in ckpt_resume.set_aside_newer(self.root, step, restored):
+            self.say(f"set aside {dest.name}: newer than the restored step {step}")
+            self._emit({"event": "checkpoint_abandoned", "step": step, "path": str(dest)})
 
     def restore_latest(self, before_step: int | None = None) -> Path | None:
         """Rollback: restore the newest valid checkpoint (older than `before_step` if given)
@@ -426,14 +311,19 @@ class CheckpointManager:
                 "(or repair it), then run the same command to resume"
             ) from e
         self.last_good = first
-        rotated = self._rotate(first) if ck.STEP_RE.match(first.name) else []
+        c = self.cfg.ckpt
+        rotated = (
+            ckpt_retention.rotate(self.root, first, c.keep_last, c.milestone_interval)
+            if ck.step_of(first) is not None
+            else []
+        )
         return {
             "step": info["step"],
             "paths": [str(t) for t in targets],
             "bytes": sum(f.stat().st_size for f in first.iterdir() if f.is_file()),
             "write_s": time.perf_counter() - t0,
             "rotated": rotated,
-            "cleaned": self._clean_temps(),
+            "cleaned": ckpt_retention.clean_temps(self.root),  # (none in flight: we are it)
         }
 
     def _pause(self, tmp: Path) -> None:
@@ -444,32 +334,6 @@ class CheckpointManager:
                 f"debug: pausing {seconds}s in the save of {tmp.name}", file=sys.stderr, flush=True
             )
             time.sleep(seconds)
-
-    def _rotate(self, written: Path) -> list[str]:
-        """Ring buffer of keep_last step checkpoints; milestones and best/ are never deleted.
-        Runs only after `written` is committed, and it is the newest, so the ring never
-        deletes the only valid checkpoint."""
-        dirs = {ck.step_of(p): p for p in ck.step_dirs(self.root)}
-        c = self.cfg.ckpt
-        gone = []
-        for s in retention_plan(list(dirs), c.keep_last, c.milestone_interval):
-            if dirs[s] == written:
-                continue
-            trash = ck.temp_dir_for(dirs[s], "del_")
-            os.rename(dirs[s], trash)  # atomic: never a half-deleted step dir that looks real
-            shutil.rmtree(trash, ignore_errors=True)
-            gone.append(dirs[s].name)
-        return gone
-
-    def _clean_temps(self) -> list[str]:
-        """Remove temporary directories of interrupted saves whose writer is this process or is
-        provably dead; others (alive, another host) are only reported (`ckpt list`)."""
-        gone = []
-        for t in ck.temp_dirs(self.root):
-            if owner_state(t) in ("self", "dead"):
-                shutil.rmtree(t, ignore_errors=True)
-                gone.append(t.name)
-        return gone
 
     def _report(self, result: dict, blocking_s: float, asynchronous: bool) -> None:
         record = {

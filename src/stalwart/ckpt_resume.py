@@ -1,0 +1,125 @@
+"""The resume side of checkpointing, as plain functions the CheckpointManager calls: which
+checkpoint to restore, the thread count, the continuity self-check, and checkpoints newer than
+the one restored (a discarded future) set aside."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from stalwart import checkpoint as ck
+from stalwart import trainstate
+from stalwart.errors import UserError
+
+
+def choose_checkpoint(run_dir: Path, mode: str, say) -> tuple[Path, dict, dict] | None:
+    """(path, model state, state) that run.resume selects; None for a fresh start. In auto mode
+    a checkpoint that verifies but cannot be parsed (forged, foreign) is skipped too."""
+    root = Path(run_dir) / "checkpoints"
+    if mode != "auto":
+        path = trainstate.find_resume_checkpoint(run_dir, mode, say)
+        return None if path is None else (path, *ck.read_checkpoint(path, check=False))
+    for path in trainstate.valid_checkpoints(root, say):
+        try:  # verified just now: read without hashing it all again
+            return (path, *ck.read_checkpoint(path, check=False))
+        except ck.CheckpointUnreadable as e:
+            say(f"{e}; trying an older one")
+    if trainstate.resume_candidates(root):
+        raise trainstate.none_valid_error(run_dir)
+    return None
+
+
+def adopt_threads(saved: int | None, configured: int) -> list[str]:
+    """CPU matmul results depend on the thread count: keep the saved one unless told."""
+    now = torch.get_num_threads()
+    if saved is None or saved == now:
+        return []
+    if not configured:
+        torch.set_num_threads(saved)
+        return [f"threads: {saved} (as saved; --run.threads 0)"]
+    return [f"threads: {saved} -> {now} (results will not match an uninterrupted run bit for bit)"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuity self-check
+
+
+def probe_tolerance(saved_precision: str | None, precision: str, loss: float) -> float:
+    """How far a restored probe loss may drift without the state being different.
+
+    Same fp32 numerics give the same bits; another thread count or device moves fp32 by ~1e-7
+    relative, 16-bit autocast by ~1e-3. A broken restore (untrained or wrong weights, a changed
+    model) moves it by far more than these bounds."""
+    rel = 1e-4 if saved_precision == precision == "fp32" else 2e-2
+    return rel * max(1.0, abs(loss))
+
+
+def compare_probe(saved: float, now: float, tol: float) -> str:
+    if now == saved or (math.isnan(now) and math.isnan(saved)):
+        return "exact"
+    return "close" if abs(now - saved) <= tol else "mismatch"
+
+
+class ResumeCheckFailed(UserError):
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
+
+
+def check_probe(
+    path: Path, state: dict, probe: Callable[[], float] | None, precision: str, mode: str
+) -> tuple[dict, dict | None]:
+    """The fixed probe batch's loss, recomputed from the restored weights, against the loss
+    measured when the checkpoint was written: (resume_check record, diagnosis or None).
+    mode strict raises ResumeCheckFailed on a mismatch; warn returns a diagnosis."""
+    step = int(state["loop"]["step"])
+    record = {"event": "resume_check", "step": step, "from": str(path)}
+    saved = state.get("probe") or {}
+    if mode == "off" or probe is None or "loss" not in saved:
+        return {**record, "status": "off" if mode == "off" else "unavailable"}, None
+    now = float(probe())
+    tol = probe_tolerance(saved.get("precision"), precision, saved["loss"])
+    status = compare_probe(saved["loss"], now, tol)
+    record.update(saved_loss=saved["loss"], restored_loss=now, tolerance=tol, status=status)
+    if status != "mismatch":
+        return record, None
+    evidence = (
+        f"probe-batch loss {now!r} right after restoring {Path(path).name}, {saved['loss']!r} "
+        f"when it was saved (tolerance {tol:.2g})"
+    )
+    if mode == "strict":
+        raise ResumeCheckFailed(
+            f"resume check failed: {evidence}: the restored state is not the saved one "
+            "(changed model code or precision, or a damaged restore); fix that, or pass "
+            "--ckpt.resume_check warn to continue anyway",
+            {**record, "action": "refused"},
+        )
+    diagnosis = {
+        "event": "diagnosis",
+        "step": step,
+        "symptom": "restore_mismatch",
+        "evidence": evidence,
+        "cause": "the restored state differs from the saved one (model code, dtype, precision "
+        "or a restore bug): the playbook's 'loss diverges after restore'",
+        "fix": "resume with the code and precision that wrote the checkpoint",
+    }
+    return {**record, "action": "warned"}, diagnosis
+
+
+def set_aside_newer(ckpt_root: Path, step: int, restored: Path) -> list[Path]:
+    """Checkpoints newer than the one restored belong to a discarded future (corrupt ones, or
+    those a rollback went back past): rename them `abandoned-NAME-TIME` so that a later resume
+    cannot pick them up. Nothing is deleted. Returns the new paths."""
+    moved = []
+    for path in trainstate.resume_candidates(ckpt_root):
+        newer = ck.manifest_step(path) if path.name == "best" else ck.step_of(path)
+        if path != restored and newer is not None and newer > step:
+            dest = Path(ckpt_root) / f"abandoned-{path.name}-{int(time.time())}"
+            os.rename(path, dest)
+            moved.append(dest)
+    return moved
