@@ -160,8 +160,8 @@ def test_stray_temp_dir_is_reported_and_never_loaded(trained, tmp_path, capsys):
     stray = run / "checkpoints" / ".tmp-step_00000040-999999999-otherhost"
     shutil.copytree(run / "checkpoints/step_00000030", stray)
     rc, out = ckpt_cli(capsys, "verify", run)
-    assert rc == 0 and f"stray temporary directory {stray}" in out and "another host" in out
-    assert "4/4 checkpoints ok" in out
+    assert rc == 1 and f"stray temporary directory {stray}" in out and "another host" in out
+    assert "4/4 checkpoints ok, 1 interrupted save(s)" in out
     assert trainstate.find_resume_checkpoint(run, "auto", print).name == "step_00000030"
 
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from stalwart import checkpoint as ck
+from stalwart.cli import main as cli_main
 from stalwart.metrics import read_metrics
 from stalwart.train import train
 from tests.conftest import ROOT, TINY, tiny_config
@@ -113,7 +114,9 @@ def newest_valid(run_dir: Path) -> str:
     return latest_valid_checkpoint(run_dir).name
 
 
-def test_sigkill_between_steps_in_eval_and_mid_save_then_resume_is_bit_exact(tmp_path, tiny_data):
+def test_sigkill_between_steps_in_eval_and_mid_save_then_resume_is_bit_exact(
+    tmp_path, tiny_data, capsys
+):
     extra = ("--train.max_steps", "30", "--ckpt.keep_last", "2")
     ref = tmp_path / "ref"
     train(tiny_config(ref, tiny_data, *extra), progress=False)
@@ -145,6 +148,9 @@ def test_sigkill_between_steps_in_eval_and_mid_save_then_resume_is_bit_exact(tmp
     assert (stray / "model.safetensors").exists() and not (stray / ck.MANIFEST).exists()
     assert not ck.step_dir(run / "checkpoints", 20).exists()
     assert newest_valid(run) == "step_00000010"
+    assert cli_main(["ckpt", "verify", str(run)]) == 1  # names the interrupted save
+    out = capsys.readouterr().out
+    assert f"stray temporary directory {stray}" in out and "writer is gone" in out
 
     # 4. the same config runs to the end (in-process: one interpreter start less); the stray
     # directory of the dead writer is reported, then removed by the first successful save

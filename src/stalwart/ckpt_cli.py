@@ -1,8 +1,9 @@
 """`stalwart ckpt list|verify RUN_DIR`: the checkpoints of a run and their integrity.
 
 Both re-hash every file against its manifest. `verify` exits 1 if any checkpoint is corrupt
-(naming it and what is wrong) or if the run has no valid checkpoint at all; stray temporary
-directories (interrupted saves) and files a manifest does not list are reported, never loaded.
+(naming it and what is wrong), if an interrupted save left a stray temporary directory (its
+writer is dead or on another host; a save in progress is only reported), or if the run has no
+valid checkpoint at all. Files a manifest does not list are reported; they are never loaded.
 A checkpoint directory may be given instead of a run directory.
 """
 
@@ -67,13 +68,24 @@ def run_ckpt(action: str, run_dir: Path) -> int:
             print(
                 f"  {d.name}: files not in its manifest, never loaded: {', '.join(info.unlisted)}"
             )
+    interrupted = 0
     for t in ck.temp_dirs(root) if root else []:
-        print(f"stray temporary directory {t} ({_OWNER[owner_state(t)]})")
+        owner = owner_state(t)
+        interrupted += owner in ("dead", "unknown")
+        print(f"stray temporary directory {t} ({_OWNER[owner]})")
     for a in sorted(root.glob("abandoned-*")) if root else []:
         print(f"set aside: {a.name} (newer than a checkpoint a run resumed or rolled back to)")
     ok = len(dirs) - len(bad)
     if action == "verify":
-        print(f"{ok}/{len(dirs)} checkpoints ok" + (f", {len(bad)} corrupt" if bad else ""))
+        print(
+            f"{ok}/{len(dirs)} checkpoints ok"
+            + (f", {len(bad)} corrupt" if bad else "")
+            + (
+                f", {interrupted} interrupted save(s) left a temporary directory"
+                if interrupted
+                else ""
+            )
+        )
         if not dirs:
             print(f"no checkpoints in {run_dir}")
-    return 1 if action == "verify" and (bad or not ok) else 0
+    return 1 if action == "verify" and (bad or not ok or interrupted) else 0

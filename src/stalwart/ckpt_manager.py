@@ -215,10 +215,20 @@ class CheckpointManager:
 
     def due(self, step: int) -> bool:
         c = self.cfg.ckpt
-        minutes = (time.monotonic() - self._last_save) / 60
-        return bool(c.interval and step % c.interval == 0) or bool(
-            c.interval_minutes and minutes >= c.interval_minutes
-        )
+        if c.interval and step % c.interval == 0:
+            return True
+        if not c.interval_minutes:
+            return False
+        late = (time.monotonic() - self._last_save) / 60 >= c.interval_minutes
+        if self.ctx is not None and self.ctx.world_size > 1:
+            # every rank must decide alike (a collective save on some ranks only would hang),
+            # and their clocks differ: one small all-reduce, only when interval_minutes is set
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(late)], device=self.ctx.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            late = bool(flag.item())
+        return late
 
     def maybe_save(self, step: int, *, force: bool = False, val_loss: float | None = None) -> bool:
         """Save if an interval is due, `force` (end of run, SIGTERM) or best/ was requested."""
