@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -51,21 +52,44 @@ def peak_rss_bytes() -> int:
     return _proc_status_bytes("VmHWM:")
 
 
-def _exact_malloc() -> None:
-    """Make glibc hand every allocation of 64 KiB or more straight back to the kernel on free.
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    By default glibc raises its mmap threshold as large blocks are freed (up to 32 MiB), after
-    which freed tensors stay resident in the heap and get reused: the RSS stops moving with the
-    tensors. Fixing the threshold (what MALLOC_MMAP_THRESHOLD_ does at start-up) and trimming
-    now makes the resident set follow the tensors to within a few hundred KiB. Idempotent.
+
+_EXACT = {"on": False}
+
+
+def enable_exact_cpu_peak() -> None:
+    """Make CPU peak measurement exact: call it before building models (or start the process
+    with MALLOC_MMAP_THRESHOLD_=65536). Idempotent.
+
+    glibc serves a request from a free chunk of its heap before it maps fresh pages, and a freed
+    chunk stays resident, so once the heap holds freed tensors the resident set stops following
+    the tensors (by default glibc raises its mmap threshold up to 32 MiB as large blocks are
+    freed, so it soon does). With the threshold fixed at 64 KiB every tensor of 64 KiB or more is
+    mapped on allocation and unmapped on free, and VmHWM follows tensor memory to within a few
+    hundred KiB. The cost: a page fault per fresh page (a CPU training step runs ~30% slower),
+    so `train` does not do this; `bench`, the accuracy benchmark and tests do.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (also stops the dynamic adjustment)
         libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
         libc.malloc_trim(0)
+        _EXACT["on"] = True
     except (OSError, AttributeError):  # not glibc: the measurement is only less exact
         pass
+
+
+def heap_free_bytes() -> int | None:
+    """Free bytes inside glibc's heap (reusable without new pages), or None if unknown."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        return int(libc.mallinfo2().fordblks)
+    except (OSError, AttributeError):
+        return None
 
 
 def live_tensor_bytes() -> int:
@@ -90,10 +114,11 @@ class PeakMemory:
     CUDA: reset_peak_memory_stats + max_memory_allocated, exact.
     CPU: the baseline is every tensor storage reachable from Python (`live_tensor_bytes`), and the
     rise is VmHWM - VmRSS over the block, after resetting the high-water mark through
-    /proc/self/clear_refs and making glibc return large blocks (`_exact_malloc`). It agrees with
-    the profiler's allocator timeline (exact, but it cannot see frees of blocks allocated before
-    it started, e.g. zero_grad) to within ~0.3%. It counts all memory, so a library's first-call
-    scratch shows up too: warm up with one step first. Linux only.
+    /proc/self/clear_refs. This is exact (it agrees with the profiler's allocator timeline to
+    ~0.1%) only if `enable_exact_cpu_peak()` ran before the model was built: otherwise glibc
+    reuses freed memory unseen and the figure can be off by hundreds of MB either way (`exact`
+    is then False, and a warning says so). It counts all memory, so a library's first-call scratch shows up too:
+    warm up with a step first. Linux only.
     """
 
     def __init__(self, device: torch.device | str = "cpu", baseline_bytes: int | None = None):
@@ -101,6 +126,7 @@ class PeakMemory:
         self._given_baseline = baseline_bytes
         self.baseline_bytes = 0
         self.peak_bytes = 0
+        self.exact = True
         self._rss0 = 0
 
     def __enter__(self) -> PeakMemory:
@@ -114,7 +140,16 @@ class PeakMemory:
         gc.collect()
         base = self._given_baseline
         self.baseline_bytes = live_tensor_bytes() if base is None else base
-        _exact_malloc()
+        enable_exact_cpu_peak()
+        free = heap_free_bytes()
+        self.exact = free is not None and free < 4 * MiB
+        if not self.exact:
+            warnings.warn(
+                f"CPU peak memory is not exact: glibc's heap holds {free} freed bytes it can "
+                "reuse unseen; call stalwart.memory.enable_exact_cpu_peak() before building the "
+                "model (or set MALLOC_MMAP_THRESHOLD_=65536)",
+                stacklevel=2,
+            )
         if not reset_peak_rss():
             raise UserError("measuring CPU peak memory needs Linux's /proc/self/clear_refs")
         self._rss0 = _proc_status_bytes("VmRSS:")
