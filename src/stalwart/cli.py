@@ -43,10 +43,39 @@ def cmd_train(args, rest) -> int:
     cfg = load_config(args.config, rest)
     result = train(cfg, progress=not args.quiet)
     if result.is_main:  # one report per job, not one per rank
-        print_run_summary(cfg, result)
+        if result.health_stop is None:
+            print_run_summary(cfg, result)
+        if cfg.train.dashboard:
+            from stalwart.dashboard import write_dashboard_quietly
+
+            write_dashboard_quietly(cfg.run.dir, say=lambda m: print(m, file=sys.stderr))
+    if result.health_stop is not None:  # the doctor stopped the run: exit 3 (docs/doctor.md)
+        from stalwart.recovery import EXIT_HEALTH_STOP
+
+        d = result.health_stop
+        print(
+            f"stopped by the doctor at step {result.step}: {d['symptom']}: {d['evidence']}. "
+            f"Likely cause: {d['cause']}. Fix: {d['fix']} (details: stalwart doctor {cfg.run.dir})",
+            file=sys.stderr,
+        )
+        return EXIT_HEALTH_STOP
     # Stopped by SIGTERM/SIGINT after saving: 128 + signum (143, 130), the shell's convention,
     # so a scheduler sees "interrupted, resumable", not "finished" (0 would end a k8s Job)
     return 128 + result.stop_signal if getattr(result, "stop_signal", None) else 0
+
+
+def cmd_doctor(args, rest) -> int:
+    from stalwart.doctor import run_doctor
+
+    return run_doctor(args.run_dir, as_json=args.json)
+
+
+def cmd_dashboard(args, rest) -> int:
+    from stalwart.dashboard import write_dashboard
+
+    png, page, _ = write_dashboard(args.run_dir)  # not a run dir: the usual `error:` line
+    print(f"wrote {png} and {page}")
+    return 0
 
 
 def cmd_bench(args, rest) -> int:
@@ -186,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["list", "verify"])
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_ckpt)
+
+    s = sub.add_parser("doctor", help="diagnose a run (running, finished or crashed)")
+    s.add_argument("run_dir")
+    s.add_argument("--json", action="store_true", help="one JSON object instead of the report")
+    s.epilog = "Exit codes: 0 healthy, 4 warnings, 3 critical, 2 not a run dir (docs/doctor.md)."
+    s.set_defaults(fn=cmd_doctor)
+
+    s = sub.add_parser("dashboard", help="write RUN_DIR/dashboard.png and dashboard.html")
+    s.add_argument("run_dir")
+    s.set_defaults(fn=cmd_dashboard)
 
     s = sub.add_parser("config", help="print every config field, or the resolved config")
     _config_args(s)

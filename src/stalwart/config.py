@@ -102,6 +102,7 @@ class TrainConfig:
     peak_flops: float = opt(
         0.0, "peak FLOP/s that MFU is measured against (0 = the device table / CPU calibration)"
     )
+    dashboard: bool = opt(True, "`stalwart train` ends by writing run.dir/dashboard.png, .html")
 
 
 @dataclass
@@ -133,7 +134,7 @@ class HealthConfig:
     early_steps: int = opt(10, "a non-finite loss within this many steps is 'at once' (LR/warmup)")
     nan_patience: int = opt(3, "consecutive non-finite steps before skip escalates (rollback/stop)")
     grace_steps: int = opt(50, "trend detectors (clip, plateau, throughput) start after this step")
-    clip_factor: float = opt(2.0, "'constantly clipped' also needs median norm >= this x grad_clip")
+    clip_factor: float = opt(1.5, "'constantly clipped' also needs median norm >= this x grad_clip")
     plateau_lr: float = opt(1e-5, "'plateau': the loss is flat while the LR is below this")
     throughput_drop: float = opt(0.5, "diagnose tokens/s below this fraction of its rolling median")
 

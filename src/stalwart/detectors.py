@@ -199,16 +199,17 @@ def repeat_evidence(digests: Sequence[str]) -> str | None:
     )
 
 
-def overfit_evidence(evals: Sequence[tuple[int, float, float]]) -> str | None:
+def overfit_evidence(evals: Sequence[Sequence[float]], best_val: float) -> str | None:
     """Over the last three evaluations (step, val, mean train loss since the previous one):
-    val rises at every one, by 1% or more overall, while train falls at every one."""
+    val rises at every one while train falls at every one, and val is now 2% or more above
+    the best it has been (a rise of noise size is not overfitting)."""
     if len(evals) < 3:
         return None
     (s0, v0, t0), (_, v1, t1), (s2, v2, t2) = evals[-3:]
-    if v0 < v1 < v2 and t0 > t1 > t2 and v2 - v0 > 0.01 * abs(v0):
+    if v0 < v1 < v2 and t0 > t1 > t2 and v2 >= best_val + 0.02 * abs(best_val):
         return (
-            f"val loss rose {v0:.4g} -> {v1:.4g} -> {v2:.4g} (steps {s0}-{s2}) while train "
-            f"loss fell {t0:.4g} -> {t1:.4g} -> {t2:.4g}"
+            f"val loss rose {v0:.4g} -> {v1:.4g} -> {v2:.4g} (steps {s0}-{s2}; best "
+            f"{best_val:.4g}) while train loss fell {t0:.4g} -> {t1:.4g} -> {t2:.4g}"
         )
     return None
 

@@ -184,7 +184,7 @@ def inspect_tokens(batches, model: torch.nn.Module, vocab: int) -> str | None:
             f"token ids {out[:5].tolist()} (range {lo}..{hi}) are outside the embedding's "
             f"0..{rows - 1}"
         )
-    if emb is None:
+    if emb is None or hasattr(emb.weight, "to_local"):  # FSDP: rows sharded across ranks
         return None
     bad = (~torch.isfinite(emb.weight).all(dim=1)).nonzero().flatten()
     if len(bad) == 0 or len(bad) == rows:
