@@ -284,10 +284,15 @@ def _resume_notes(saved: dict | None, saved_cfg: dict, cfg, ctx) -> list[str]:
             "and optimizer state resharded exactly"
         )
     if old_w != new_w:
+        fate = (
+            f"ranks {old_w}..{new_w - 1} start fresh streams"
+            if new_w > old_w
+            else f"the streams of ranks {new_w}..{old_w - 1} end"
+        )
         notes.append(
-            f"RNG: per-rank streams cannot continue from {old_w} to {new_w} ranks (ranks that "
-            "the saved run lacked start fresh streams): dropout masks differ from an "
-            "uninterrupted run; nothing else draws random numbers"
+            f"RNG: ranks 0..{min(old_w, new_w) - 1} continue their own streams, {fate}: "
+            "dropout masks cannot match a run that kept its world size (nothing else in "
+            "training draws random numbers)"
         )
         old_batch = saved.get("global_batch")
         if old_batch is None:

@@ -95,15 +95,46 @@ def init(cfg: ParallelConfig, device_name: str) -> DistContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # a collective that waits longer than this fails instead of hanging forever: a dead
+        # peer then ends the job, and torchrun --max-restarts can restart the group
+        timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
         dist.init_process_group(
             backend=backend,
-            # a collective that waits longer than this fails instead of hanging forever: a dead
-            # peer then ends the job, and torchrun --max-restarts can restart the group
-            timeout=datetime.timedelta(minutes=cfg.timeout_minutes),
+            timeout=timeout,
             device_id=device if backend == "nccl" else None,
+            store=_restart_safe_store(timeout),
+            rank=rank,
+            world_size=world,
         )
     local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
     return DistContext(rank, world, local_rank, device, cfg.mode, local_world, backend)
+
+
+def _restart_safe_store(timeout: datetime.timedelta):
+    """torchrun shares its rendezvous store with the workers and keeps it across restarts, so
+    after a restart the keys of the failed attempt (every rank's old gloo address, NCCL's old
+    unique id) are still there and the new group connects to dead ports (pytorch#135712).
+    On one node every worker has the same restart count: a key prefix per attempt keeps the
+    attempts apart. Several nodes count restarts separately; there, launch torchrun with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/distributed.md) and this returns None."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # None: init_process_group's own env:// rendezvous
+    if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+        return None
+    if int(env.get("GROUP_WORLD_SIZE", "1")) > 1:
+        if int(env["RANK"]) == 0:
+            print(
+                "warning: torchrun --max-restarts on several nodes: set "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for every torchrun, or a restarted group "
+                "may try to reach the failed attempt's ports (pytorch#135712)",
+                flush=True,
+            )
+        return None
+    store = dist.TCPStore(
+        env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"stalwart/attempt_{env['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def wrap_model(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> torch.nn.Module:
