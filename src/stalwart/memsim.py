@@ -105,10 +105,10 @@ def saved_items(s: Step) -> list[tuple[str, int, str]]:
     is counted there (`x_in`)."""
     N, C, lp = s.N, s.C, s.lp
     items = [("x_in", N * C * 4, "input"), ("ln1", N * 8 + N * C * lp, "pointwise")]
-    if s.math_attention:
+    if s.math_attention:  # CPU's math kernel works in fp32 even under autocast
         att = s.B * s.h * s.T * s.T
-        items += [("qkv_copies", 3 * N * C * lp, "matmul"), ("att_probs", 2 * att * lp, "matmul")]
-        items += [("att_mask", att * s.mask, "pointwise"), ("att_out", N * C * lp, "matmul")]
+        items += [("qkv_copies", 3 * N * C * 4, "matmul"), ("att_probs", 2 * att * 4, "matmul")]
+        items += [("att_mask", att * 4, "pointwise"), ("att_out", N * C * lp, "matmul")]
     else:
         items += [("qkv", 3 * N * C * lp, "matmul"), ("att_out", N * C * lp + N * s.h * 4, "matmul")]
     if s.p_drop > 0:
@@ -254,7 +254,9 @@ def _recompute(tl: Timeline, s: Step, kind: str) -> None:
         tl.alloc("weight_copies", (sum(block_params(C, s.bias)) - 4 * C) * lp)
     tl.alloc("activations", inner - (kept - cproj))
     tl.spike("temporaries", N * C * lp)  # c_proj output (full) / the cached one's add
-    tl.free("activations", cproj)  # selective: the cached c_proj outputs are consumed
+    # selective: the recomputed residual add consumes the cached attention c_proj output; the
+    # MLP's is never asked for (recomputation stops at GELU) and waits for the block's end
+    tl.free("activations", cproj // 2)
 
 
 def _block_backward(tl: Timeline, s: Step, kind: str, first: bool) -> None:
@@ -290,6 +292,8 @@ def _block_backward(tl: Timeline, s: Step, kind: str, first: bool) -> None:
         _layernorm_backward(tl, s, first)
         tl.free("activations", item["x_mid"] if branch == "mlp" else item["x_in"])
         tl.free("temporaries", N * C * 4)  # added into the residual gradient in place
+    if kind == "selective":
+        tl.free("activations", N * C * lp)
     _gather(tl, s, sum(block_params(C, s.bias)), False)
 
 
@@ -299,7 +303,7 @@ def _attention_backward(tl: Timeline, s: Step, item: dict[str, int]) -> None:
     tl.free("temporaries", N * C * lp)  # d attention output
     if s.math_attention:
         att = s.B * s.h * s.T * s.T
-        tl.spike("temporaries", 2 * att * lp)  # d probabilities, d scores
+        tl.spike("temporaries", 2 * att * 4)  # d probabilities, d scores
         tl.free("activations", item["qkv_copies"] + item["att_probs"] + item["att_mask"])
     else:
         tl.free("activations", item["qkv"])

@@ -52,7 +52,8 @@ def forward_backward(model, micro_batches, prec, grad_accum: int, ctx) -> torch.
         # DDP: all-reduce gradients only after the last micro-batch, not after every one
         with parallel.no_sync_unless(model, ctx, last=i == len(micro_batches) - 1):
             with prec.autocast():
-                _, loss = model(x, y)
+                # [1]: let the logits go now; kept through backward they hold B x T x vocab
+                loss = model(x, y)[1]
             loss_sum += loss.detach()
             # Divide so the *sum* of micro-batch gradients is the *mean* gradient of the batch;
             # without it the effective LR is grad_accum times too large (the lesson's subtlety).
