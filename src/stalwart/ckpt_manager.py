@@ -99,6 +99,7 @@ class CheckpointManager:
         self._queued: list[dict] = []
         self._best_pending = False
         self._bg: _Background | None = None
+        self._pool: dict[str, torch.Tensor] = {}  # async snapshot buffers, reused every save
         self._last_save = time.monotonic()
 
     # ---- records ----------------------------------------------------------------------------
@@ -170,7 +171,7 @@ class CheckpointManager:
             self._append_now(e.record)
             raise
         trainstate.restore(state, p.optimizer, p.scaler, p.loader, p.monitor, p.loop)
-        self.last_good = path
+        self.last_good, self._best_pending = path, False
         self._emit(check)
         if diagnosis is not None:
             self.say(f"WARNING: {diagnosis['evidence']}: continuing (--ckpt.resume_check warn)")
@@ -279,7 +280,9 @@ class CheckpointManager:
         if not self.is_main:
             return
         asynchronous = self.cfg.ckpt.async_save
-        snap = ck.snapshot(model_state, state, copy=asynchronous)
+        # async: a private copy (training goes on updating the live tensors), into buffers
+        # kept from the previous save: free again, since at most one save is in flight
+        snap = ck.snapshot(model_state, state, copy=asynchronous, pool=self._pool)
 
         def first(final: Path, kind_info: dict) -> Path:
             return ck.write_snapshot(final, snap, kind_info, self.extra_files, self._pause)
