@@ -2,12 +2,16 @@
 
 The bench times the real training step, not a copy of it: it calls `train()` itself on a throwaway
 run directory, with evaluation and periodic checkpoints off, and reads the per-step metrics
-records (log_interval 1) that the loop writes anyway. Step layout of one bench run:
+records (log_interval 1) that the loop writes anyway:
 
-    1 .. warmup                     warm-up (allocator, thread pools, compile), not timed
-    warmup+1 .. warmup+steps        timed: tokens/s, MFU, HFU, phase breakdown
-    warmup+steps+1                  peak memory (measured apart: the CPU method slows malloc)
-    last                            the loop's end-of-run evaluation and save, not timed
+    steps 1 .. warmup                warm-up (allocator, thread pools, compile): not timed
+    warmup+1 .. warmup+steps         timed: tokens/s, MFU, HFU, phase breakdown
+    (CUDA) the next step             peak memory (torch.cuda.max_memory_allocated)
+    the last step                    the loop's end-of-run evaluation and save: not timed
+
+On a CPU, peak memory is measured in a fresh process (`--memory-only`, one warm-up step and one
+measured step): the exact method (stalwart.memory.PeakMemory) needs glibc to map every large
+block fresh from the start, which makes a CPU step ~30% slower, so it must not touch the timing.
 
 `--compare X` runs the variants of X in one process, one after the other, and prints ratios.
 """
@@ -15,17 +19,21 @@ records (log_interval 1) that the loop writes anyway. Step layout of one bench r
 from __future__ import annotations
 
 import copy
-import ctypes
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from stalwart import parallel
-from stalwart.config import Config, parse_activation_checkpointing
+from stalwart.config import Config, parse_activation_checkpointing, to_toml
 from stalwart.errors import UserError
 from stalwart.hardware import describe_peak, device_name
 from stalwart.metrics import PHASES, utilization
@@ -33,6 +41,7 @@ from stalwart.model import flops_per_token, hardware_flops_per_token
 from stalwart.precision import resolve_precision
 
 MiB = 1024**2
+STATE = ("weights", "gradients", "optimizer")
 
 
 def bench_config(cfg: Config, run_dir: str, total_steps: int) -> Config:
@@ -49,141 +58,100 @@ def bench_config(cfg: Config, run_dir: str, total_steps: int) -> Config:
     return cfg
 
 
-def _restore_fast_malloc() -> None:
-    """The CPU peak-memory method pins glibc's mmap threshold low (every freed block goes back to
-    the kernel, so RSS follows the tensors); set it back to where glibc's own adaptive threshold
-    ends up, so the next variant of a --compare is not timed with a page fault per tensor."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 * MiB)  # M_MMAP_THRESHOLD: glibc's adaptive maximum on 64-bit
-        libc.mallopt(-1, 64 * MiB)  # M_TRIM_THRESHOLD: twice that, as glibc sets it
-    except (OSError, AttributeError):
-        pass
+class _Probe:
+    """The bench's `after_step` hook: keeps the records of the timed steps and the process CPU
+    time at their ends, catches the optimizer (torch's global step hook) so its state can be
+    measured, and holds a PeakMemory open over step `mem_step`."""
 
-
-class _MemoryProbe:
-    """Peak memory of one training step (stalwart.memory.PeakMemory) and the optimizer object
-    (from torch's global step hook), so weights / gradients / optimizer state can be measured
-    from the tensors themselves."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak_bytes, self.note = device, None, ""
+    def __init__(self, first: int, last: int, device: torch.device, mem_step: int | None = None):
+        self.first, self.last, self.device, self.mem_step = first, last, device, mem_step
+        self.records: list[dict] = []
+        self.cpu_marks: list[float] = []
         self.optimizer = None
-        self._pm = None
-        self._stack = ExitStack()
-        hook = register_optimizer_step_post_hook(self._saw_optimizer)
-        self._stack.callback(hook.remove)
+        self.peak_bytes, self.note, self._pm = None, "", None
+        self._stack, self._mem = ExitStack(), ExitStack()
+        self._stack.callback(register_optimizer_step_post_hook(self._saw_optimizer).remove)
+        self._stack.callback(self._mem.close)
 
     def _saw_optimizer(self, opt, args, kwargs) -> None:
         self.optimizer = opt
 
-    def start(self) -> None:
-        try:
-            from stalwart.memory import PeakMemory
+    def __call__(self, step: int, record: dict) -> None:
+        if self.first <= step <= self.last:
+            self.records.append(record)
+        if step in (self.first - 1, self.last):
+            self.cpu_marks.append(time.process_time())
+        if self.mem_step is not None and step == self.mem_step - 1:
+            try:
+                from stalwart.memory import PeakMemory
 
-            self._pm = self._stack.enter_context(PeakMemory(self.device))
-        except (ImportError, UserError) as e:
-            self.note = f"peak memory not measured: {e}"
-
-    def stop(self) -> None:
-        self._stack.close()
-        if self._pm is not None:
+                self._pm = self._mem.enter_context(PeakMemory(self.device))
+            except (ImportError, UserError) as e:
+                self.note = f"peak memory not measured: {e}"
+        elif self._pm is not None and step == self.mem_step:
+            self._mem.close()
             self.peak_bytes = self._pm.peak_bytes
-            _restore_fast_malloc()
 
-    def close(self) -> None:
-        self._stack.close()
+    def run(self, cfg: Config, total_steps: int):
+        """train() for `total_steps` steps on a throwaway run dir, with this probe as hook."""
+        from stalwart.train import train
 
-
-def _tensor_bytes(tensors) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.numel():
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-def measured_components(model: torch.nn.Module, opt, peak_bytes: int | None) -> dict:
-    """Weights, gradients and optimizer state from the tensors' sizes; activations and
-    temporaries are what the peak holds beyond them."""
-    params = list(model.parameters())
-    out = {
-        "weights": _tensor_bytes(params),
-        "gradients": _tensor_bytes(p.grad for p in params),
-        "optimizer": _tensor_bytes(
-            v for state in (opt.state.values() if opt else []) for v in state.values()
-        ),
-    }
-    return _with_rest(out, peak_bytes)
-
-
-STATE = ("weights", "gradients", "optimizer")
-
-
-def _with_rest(parts: dict, peak: int | None) -> dict:
-    """Add what the peak holds beyond weights, gradients and optimizer state, and the peak."""
-    if peak is not None:
-        parts["activations_and_temporaries"] = max(peak - sum(parts[k] for k in STATE), 0)
-        parts["peak"] = peak
-    return parts
-
-
-def predicted_memory(cfg: Config, micro_batch: int, precision: str, vocab: int) -> dict | None:
-    try:
-        from stalwart.memory import training_memory
-    except ImportError:
-        return None
-    plan = training_memory(cfg, micro_batch=micro_batch, precision=precision, vocab_size=vocab)
-    parts = {k: int(plan.components.get(k, 0)) for k in STATE}
-    return _with_rest(parts, int(plan.total_bytes))
+        with tempfile.TemporaryDirectory(prefix="stalwart-bench-") as run_dir, self._stack:
+            bcfg = bench_config(cfg, run_dir, total_steps)
+            result = train(bcfg, progress=False, hooks={"after_step": self})
+        return bcfg, result
 
 
 def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, memory: bool = True) -> dict:
-    """Time `steps` training steps of `cfg` after `warmup`, then measure one step's peak memory."""
-    from stalwart.train import train
-
+    """Time `steps` training steps of `cfg` after `warmup`; measure one step's peak memory."""
     if steps < 1 or warmup < 1:
         raise UserError("--steps and --warmup must be at least 1 (the first step warms up)")
     device = parallel.pick_device(cfg.run.device)
     first, last = warmup + 1, warmup + steps
-    total = last + (2 if memory else 1)
-    records: list[dict] = []
-    probe = _MemoryProbe(device)
-
-    cpu_marks = []  # process CPU time (all threads) at the window's ends
-
-    def after_step(step: int, record: dict) -> None:
-        if first <= step <= last:
-            records.append(record)
-        if step in (first - 1, last):
-            cpu_marks.append(time.process_time())
-        if memory and step == last:
-            probe.start()
-        elif memory and step == last + 1:
-            probe.stop()
-
-    with tempfile.TemporaryDirectory(prefix="stalwart-bench-") as run_dir:
-        bcfg = bench_config(cfg, run_dir, total)
-        try:
-            result = train(bcfg, progress=False, hooks={"after_step": after_step})
-        finally:
-            probe.close()
-    out = summarize(bcfg, records, result.model, probe, device, steps, warmup)
-    if device.type == "cpu" and out["peak_flops"]:
-        # CPU time the process got per step, over its threads: unlike the wall clock, it does
-        # not count time the scheduler gave to other processes (a lower bound of what the step
-        # would reach alone: threads that spin-wait for a descheduled partner still count)
-        busy = (cpu_marks[1] - cpu_marks[0]) / steps / out["threads"]
-        out["mfu_by_cpu_time"] = utilization(
-            out["flops_per_token"] * out["tokens_per_step"], busy, out["peak_flops"]
-        )
+    here = memory and device.type == "cuda"  # CUDA: measured in the timed run, after the timing
+    probe = _Probe(first, last, device, mem_step=last + 1 if here else None)
+    bcfg, result = probe.run(cfg, last + (2 if here else 1))
+    out = summarize(bcfg, probe, device, steps, warmup)
+    if here:
+        out.update(memory_fields(bcfg, result.model, probe, device))
+    elif memory:
+        out.update(memory_in_fresh_process(bcfg))
+    else:
+        out.update(peak_memory_bytes=None, memory=None)
     return out
 
 
-def summarize(cfg, records, model, probe, device, steps, warmup) -> dict:
-    vocab = cfg.model.vocab_size
+def run_memory(cfg: Config) -> dict:
+    """`bench --memory-only`: one warm-up step, then the peak memory of one step, here."""
+    device = parallel.pick_device(cfg.run.device)
+    if device.type == "cpu":
+        from stalwart.memory import enable_exact_cpu_peak
+
+        enable_exact_cpu_peak()  # before the model is built: see stalwart.memory
+    probe = _Probe(first=2, last=2, device=device, mem_step=2)
+    bcfg, result = probe.run(cfg, 3)
+    return memory_fields(bcfg, result.model, probe, device)
+
+
+def memory_in_fresh_process(cfg: Config) -> dict:
+    """Run `stalwart bench --memory-only` on the same config in a new process (exact on CPU)."""
+    with tempfile.TemporaryDirectory(prefix="stalwart-bench-") as d:
+        path = Path(d) / "bench.toml"
+        path.write_text(to_toml(cfg))
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+        cmd = [sys.executable, "-m", "stalwart", "bench", "--config", str(path)]
+        r = subprocess.run(
+            [*cmd, "--memory-only", "--json"], capture_output=True, text=True, env=env
+        )
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"peak_memory_bytes": None, "memory": {"note": f"not measured: {why}"}}
+    return json.loads(r.stdout)
+
+
+def summarize(cfg: Config, probe: _Probe, device, steps: int, warmup: int) -> dict:
+    records, vocab = probe.records, cfg.model.vocab_size
     precision = resolve_precision(cfg.train.precision, device)
-    micro = int(cfg.train.micro_batch) if cfg.train.micro_batch != "auto" else None
     tokens_per_step = records[-1]["tokens"] // records[-1]["step"]  # the same every step
     times = [r["step_time_s"] for r in records]
     step_time = statistics.fmean(times)  # the mean: what a long run of these steps would take
@@ -194,20 +162,27 @@ def summarize(cfg, records, model, probe, device, steps, warmup) -> dict:
         "tokens_per_sec": tokens_per_step / step_time,
         "mfu": utilization(fpt * tokens_per_step, step_time, peak),
         "hfu": utilization(hw_fpt * tokens_per_step, step_time, peak),
-        "peak_memory_bytes": probe.peak_bytes,
         "step_time_s": step_time,
         "step_time_median_s": statistics.median(times),
         "step_time_min_s": min(times),
     }
-    for phase in PHASES + ("overhead",):
+    for phase in (*PHASES, "overhead"):
         out[f"{phase}_s"] = statistics.fmean(r[f"{phase}_s"] for r in records)
     out["data_wait_frac"] = out["data_wait_s"] / step_time
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    if threads and peak:
+        # CPU time the process got per step, over its threads: unlike the wall clock, it does
+        # not count time the scheduler gave to other processes (a lower bound of what the step
+        # would reach alone: threads that spin-wait for a descheduled partner still count)
+        busy = (probe.cpu_marks[1] - probe.cpu_marks[0]) / steps / threads
+        out["mfu_by_cpu_time"] = utilization(fpt * tokens_per_step, busy, peak)
+    micro = cfg.train.micro_batch
     out.update(
         peak_flops=peak,
         peak_source=peak_note,
         device=device_name(device),
         precision=precision,
-        threads=torch.get_num_threads() if device.type == "cpu" else None,
+        threads=threads,
         compile=cfg.train.compile,
         activation_checkpointing=cfg.model.activation_checkpointing,
         tokens_per_step=tokens_per_step,
@@ -225,13 +200,57 @@ def summarize(cfg, records, model, probe, device, steps, warmup) -> dict:
             grad_accum=cfg.train.grad_accum,
         ),
     )
-    memory = {"measured": measured_components(model, probe.optimizer, probe.peak_bytes)}
+    return out
+
+
+# ---- Memory: measured beside predicted -------------------------------------------------------
+
+
+def _tensor_bytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _with_rest(parts: dict, peak: int | None) -> dict:
+    """Add what the peak holds beyond weights, gradients and optimizer state, and the peak."""
+    if peak is not None:
+        parts["activations_and_temporaries"] = max(peak - sum(parts[k] for k in STATE), 0)
+        parts["peak"] = peak
+    return parts
+
+
+def memory_fields(cfg: Config, model: torch.nn.Module, probe: _Probe, device) -> dict:
+    """peak_memory_bytes, and the components measured (weights, gradients and optimizer state
+    from the tensors' sizes; activations and temporaries = the peak minus those) beside the
+    planner's prediction."""
+    params = list(model.parameters())
+    opt_state = probe.optimizer.state.values() if probe.optimizer else []
+    measured = {
+        "weights": _tensor_bytes(params),
+        "gradients": _tensor_bytes(p.grad for p in params),
+        "optimizer": _tensor_bytes(v for state in opt_state for v in state.values()),
+    }
+    memory = {"measured": _with_rest(measured, probe.peak_bytes)}
     if probe.note:
         memory["note"] = probe.note
-    if micro is not None:
-        memory["predicted"] = predicted_memory(cfg, micro, precision, vocab)
-    out["memory"] = memory
-    return out
+    if cfg.train.micro_batch != "auto":
+        try:
+            from stalwart.memory import training_memory
+        except ImportError:
+            training_memory = None
+        if training_memory is not None:
+            plan = training_memory(
+                cfg,
+                micro_batch=int(cfg.train.micro_batch),
+                precision=resolve_precision(cfg.train.precision, device),
+                vocab_size=cfg.model.vocab_size,
+            )
+            predicted = {k: int(plan.components.get(k, 0)) for k in STATE}
+            memory["predicted"] = _with_rest(predicted, int(plan.total_bytes))
+    return {"peak_memory_bytes": probe.peak_bytes, "memory": memory}
 
 
 # ---- --compare ------------------------------------------------------------------------------
@@ -265,13 +284,15 @@ def compare_variants(what: str, cfg: Config, device: torch.device) -> list[tuple
     return variants
 
 
-def run_compare(cfg: Config, what: str, steps: int, warmup: int, say=print) -> dict:
+def run_compare(
+    cfg: Config, what: str, steps: int, warmup: int, say=print, memory: bool = True
+) -> dict:
     device = parallel.pick_device(cfg.run.device)
     rows = []
     for label, c in compare_variants(what, cfg, device):
         say(f"bench: {what} = {label} ...")
         try:
-            rows.append({"variant": label, **run_bench(c, steps, warmup)})
+            rows.append({"variant": label, **run_bench(c, steps, warmup, memory)})
         except UserError:
             raise
         except Exception as e:  # one variant that cannot run (no compiler, no bf16) is a row
@@ -339,10 +360,10 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _memory_table(mem: dict) -> list[str]:
+def _memory_table(mem: dict | None) -> list[str]:
+    if not mem or "measured" not in mem:
+        return [f"  ({mem['note']})"] if mem and "note" in mem else []
     measured, predicted = mem["measured"], mem.get("predicted") or {}
-    if "note" in mem:
-        return [f"  ({mem['note']})"]
     out = [f"  {'':<30}{'predicted':>14}{'measured':>14}"]
     for n in [*STATE, "activations_and_temporaries", "peak"]:
         label = n.replace("_", " ")

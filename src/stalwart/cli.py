@@ -81,13 +81,15 @@ def cmd_dashboard(args, rest) -> int:
 def cmd_bench(args, rest) -> int:
     import json
 
-    from stalwart.bench import format_compare, format_report, run_bench, run_compare
+    from stalwart.bench import format_compare, format_report, run_bench, run_compare, run_memory
     from stalwart.config import load_config
 
     cfg = load_config(args.config, rest)
     if args.peak_flops is not None:
         cfg.train.peak_flops = args.peak_flops
-    if args.compare:
+    if args.memory_only:
+        print(json.dumps(run_memory(cfg)))
+    elif args.compare:
         say = (lambda m: print(m, file=sys.stderr)) if args.json else print
         res = run_compare(cfg, args.compare, args.steps, args.warmup, say=say)
         print(json.dumps(res, indent=2) if args.json else format_compare(res))
@@ -191,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the variants of one setting in this process and print ratios",
     )
     s.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (= --train.peak_flops)")
+    s.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="JSON: only one step's peak memory, measured in this process (bench runs it in a "
+        "fresh one on CPU)",
+    )
     s.set_defaults(fn=cmd_bench, overrides=True)
 
     s = sub.add_parser("sample", help="generate text from a run, checkpoint or exported dir")
