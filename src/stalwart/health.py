@@ -19,21 +19,11 @@ from dataclasses import dataclass, field
 import torch
 
 from stalwart.config import HealthConfig
-from stalwart.detectors import (
-    PLAYBOOK,
-    clip_evidence,
-    diagnosis,
-    overfit_evidence,
-    plateau_evidence,
-    repeat_evidence,
-    robust_center,
-    throughput_evidence,
-)
+from stalwart.detectors import PLAYBOOK, diagnosis, robust_center
+from stalwart.trends import TrendDetectors
 
 MIN_HISTORY = 20  # losses in the window before a z-score means anything
 RESTORE_STEPS = 5  # steps after a resume judged against the loss window saved in the checkpoint
-SUSTAIN = 5  # slow tokens/s records in a row before a drop counts (one is a GC pause)
-EVALS_KEPT = 5
 
 
 @dataclass
@@ -89,7 +79,6 @@ class HealthMonitor:
                 return v
             self.consecutive_spikes = 0
         self.losses.append(loss)
-        self.train_sum, self.train_n = self.train_sum + loss, self.train_n + 1
         return v
 
     def _nonfinite(self, v: Verdict, step: int, loss: float, grad_norm: float) -> None:
@@ -170,71 +159,15 @@ class HealthMonitor:
     # ---- after the update: the step's record ------------------------------------------------
 
     def observe(self, record: dict, digest: str | None = None) -> Verdict:
-        """Trend detectors over the step's metrics record (and the batch's hash)."""
+        """The trend detectors (trends.py) over the step's metrics record and batch hash."""
         v = Verdict()
-        if not self.cfg.enabled:
-            return v
-        step = int(record["step"])
-        norm = _number(record.get("grad_norm"))
-        if norm is not None and not record.get("skipped"):
-            self.norms.append(norm)
-            self.clipped.append(bool(record.get("clipped")))
-        if _number(record.get("lr")) is not None:
-            self.lrs.append(float(record["lr"]))
-        if digest:
-            self.digests.append(digest)
-        # windowed detectors judge a full window that lies after the grace period
-        judged = step > self.cfg.grace_steps + self.cfg.window
-        c = self.cfg
-        self._condition(v, "repeated_batches", step, repeat_evidence(self.digests))
-        clip = clip_evidence(self.clipped, self.norms, self.grad_clip, c.clip_rate, c.clip_factor)
-        # clipped while the LR is near zero says nothing about the LR being too high
-        lr_high = bool(self.lrs) and max(self.lrs) >= c.plateau_lr
-        self._condition(v, "clipping", step, clip if judged and lr_high else None)
-        flat = plateau_evidence(list(self.losses), self.lrs, c.plateau_lr)
-        self._condition(v, "plateau", step, flat if judged else None)
-        tps = _number(record.get("tokens_per_sec"))
-        if tps is not None:
-            self._throughput(v, step, tps, _number(record.get("data_wait_frac")))
-        val = _number(record.get("val_loss"))
-        if val is not None:
-            train = self.train_sum / self.train_n if self.train_n else record.get("train_loss")
-            self.evals.append([step, val, float(train)])
-            self.evals = self.evals[-EVALS_KEPT:]
-            self.best_val = min(self.best_val, val)
-            self.train_sum, self.train_n = 0.0, 0
-            self._condition(v, "overfitting", step, overfit_evidence(self.evals, self.best_val))
+        if self.cfg.enabled:
+            self.trends.observe(v, record, digest)
         return v
-
-    def _throughput(self, v: Verdict, step: int, tps: float, wait: float | None) -> None:
-        base = list(self.tps)
-        if len(base) >= 5 and tps < self.cfg.throughput_drop * statistics.median(base):
-            self.slow.append(tps)  # kept out of the baseline: a drop must not become normal
-        else:
-            self.slow.clear()
-            self.tps.append(tps)
-        found = None
-        if len(self.slow) >= SUSTAIN and step > self.cfg.grace_steps:
-            found = throughput_evidence(base, self.slow, self.cfg.throughput_drop, wait)
-        self._condition(v, "throughput_drop", step, found)
 
     # ---- recording --------------------------------------------------------------------------
 
-    def _condition(self, v: Verdict, symptom: str, step: int, found) -> None:
-        """A lasting condition is diagnosed when it starts; again only after it has cleared."""
-        if not found:
-            self.active.discard(symptom)
-            return
-        if symptom in self.active:
-            return
-        self.active.add(symptom)
-        last = self.fired.get(symptom, {}).get("last")
-        if last is not None and step - last < self.cfg.window:
-            return  # flapping around a threshold: one diagnosis per window is enough
-        evidence, cause = found if isinstance(found, tuple) else (found, None)
-        self._emit(v, diagnosis(symptom, step, evidence, cause=cause))
-
-    def _emit(self, v: Verdict, d: dict) -> None:
+    def _emit(self, v, d: dict) -> None:
         """Every diagnosis is recorded; a person hears of a symptom when it first fires and
         then at most once per 10 windows of steps (with the count), not on every step."""
         v.diagnoses.append(d)
@@ -279,23 +212,13 @@ class HealthMonitor:
         return {
             "step": self.step,
             "losses": list(self.losses),
-            "norms": list(self.norms),
-            "clipped": list(self.clipped),
-            "lrs": list(self.lrs),
-            "digests": list(self.digests),
-            "tps": list(self.tps),
-            "slow": list(self.slow),
-            "evals": [list(e) for e in self.evals],
-            "train_sum": self.train_sum,
-            "train_n": self.train_n,
-            "best_val": self.best_val,
+            "trends": self.trends.state_dict(),
             "counts": dict(self.counts),
             "consecutive_nonfinite": self.consecutive_nonfinite,
             "consecutive_spikes": self.consecutive_spikes,
             "trouble_since": self.trouble_since,
             "spike_steps": list(self.spike_steps),
             "backoff_until": self.backoff_until,
-            "active": sorted(self.active),
             "fired": {k: dict(f) for k, f in self.fired.items()},
         }
 
@@ -303,15 +226,10 @@ class HealthMonitor:
         w = self.cfg.window
         self.step = int(d.get("step", 0))
         self.losses = deque(d.get("losses", []), maxlen=w)
-        self.norms = deque(d.get("norms", []), maxlen=w)
-        self.clipped = deque(d.get("clipped", []), maxlen=w)
-        self.lrs = deque(d.get("lrs", []), maxlen=w)
-        self.digests = deque(d.get("digests", []), maxlen=w)
-        self.tps = deque(d.get("tps", []), maxlen=w)
-        self.slow = deque(d.get("slow", []), maxlen=w)
-        self.evals = [list(e) for e in d.get("evals", [])]
-        self.train_sum, self.train_n = float(d.get("train_sum", 0.0)), int(d.get("train_n", 0))
-        self.best_val = float(d.get("best_val", math.inf))
+        self.trends = TrendDetectors(
+            self.cfg, self.grad_clip, self._emit, lambda s: self.fired.get(s, {}).get("last")
+        )
+        self.trends.load_state_dict(d.get("trends", {}))
         self.counts = {"nonfinite": 0, "skipped": 0, "spikes": 0, "rollbacks": 0}
         self.counts.update(d.get("counts", {}))
         self.consecutive_nonfinite = int(d.get("consecutive_nonfinite", 0))
@@ -319,7 +237,6 @@ class HealthMonitor:
         self.trouble_since = d.get("trouble_since")
         self.spike_steps = deque(d.get("spike_steps", []), maxlen=w)
         self.backoff_until = int(d.get("backoff_until", 0))
-        self.active = set(d.get("active", []))
         self.fired = {k: dict(f) for k, f in d.get("fired", {}).items()}
         # a resume: the next steps are judged against the latest losses saved with the
         # checkpoint (the latest: the level and the noise of the run as it was when saved)
@@ -332,13 +249,6 @@ class HealthMonitor:
             sigma = max(sigma, statistics.pstdev(recent))
             self._restore = {"at": self.step, "median": med, "sigma": sigma, "n": len(recent)}
             self._restore["losses"] = []
-
-
-def _number(v) -> float | None:
-    """A finite float from a record field (records write NaN as the string "nan")."""
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        return None
-    return float(v)
 
 
 def format_note(d: dict, count: int = 1) -> str:
