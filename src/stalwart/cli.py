@@ -78,6 +78,12 @@ def cmd_dashboard(args, rest) -> int:
     return 0
 
 
+def cmd_plan(args, rest) -> int:
+    from stalwart.plan import cmd_plan as plan
+
+    return plan(args, rest)
+
+
 def cmd_bench(args, rest) -> int:
     import json
 
@@ -181,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(s)
     s.add_argument("--quiet", action="store_true", help="no progress display")
     s.set_defaults(fn=cmd_train, overrides=True)
+
+    s = sub.add_parser("plan", help="memory budget: breakdown, fits?, largest micro-batch")
+    _config_args(s)
+    s.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (1)")
+    s.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage / FSDP=3")
+    s.add_argument("--device", help="cpu or a GPU of the table (H100, A100-40GB, ...)")
+    s.add_argument("--headroom", type=float, help="share of device memory kept free (0.1)")
+    s.add_argument("--tokens-per-step", type=int, help="target tokens per optimizer step")
+    s.add_argument("--context", type=int, help="inference: KV-cache tokens (block_size)")
+    s.add_argument("--lesson-table", action="store_true", help="the lesson's model-scale table")
+    s.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    s.set_defaults(fn=cmd_plan, overrides=True)
 
     s = sub.add_parser("bench", help="measured tokens/s, MFU, step-time breakdown, peak memory")
     _config_args(s)

@@ -236,6 +236,7 @@ def training_memory(
     3 = + weights (FSDP / ZeRO-3). precision: fp32 | bf16 | fp16 (autocast over fp32 weights).
     """
     from stalwart import memsim
+    from stalwart.optim import optimizer_state_bytes_for
 
     dev = device_type or _device_type(cfg)
     mb = micro_batch if micro_batch is not None else cfg.train.micro_batch
@@ -266,7 +267,7 @@ def training_memory(
         world=world_size,
         zero=zero,
         grad_accum=int(grad_accum or cfg.train.grad_accum),
-        opt_state_bytes=memsim.optimizer_state_bytes(cfg.optim, m, vocab),
+        opt_state_bytes=optimizer_state_bytes_for(cfg.optim, m, vocab, bytes_per_elem=4),
     )
     tl = memsim.replay(step)
     return MemoryPlan(
@@ -282,3 +283,116 @@ def training_memory(
         zero=zero,
         params=memsim.model_params(step),
     )
+
+
+@dataclass
+class InferencePlan:
+    """Serving memory: the weights in 16 bits and the KV cache (2 x layers x context x width)."""
+
+    weights_bytes: int
+    kv_cache_bytes: int
+    context: int
+    batch: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes
+
+    def to_json(self) -> dict:
+        return {
+            "total_bytes": self.total_bytes,
+            "components": {"weights": self.weights_bytes, "kv_cache": self.kv_cache_bytes},
+            "context": self.context,
+            "batch": self.batch,
+        }
+
+
+def inference_memory(
+    cfg, *, context: int | None = None, batch: int = 1, vocab_size: int | None = None,
+    bytes_per_elem: int = 2,
+) -> InferencePlan:
+    """bf16 weights + the KV cache for `context` tokens (default: block_size). Activations of
+    one decoding step are a few vectors per layer and are left out."""
+    from stalwart.model import num_params
+
+    m = cfg.model
+    vocab = int(vocab_size or m.vocab_size)
+    if not vocab:
+        raise UserError("the planner needs the vocabulary size: set --model.vocab_size")
+    ctx_len = int(context or m.block_size)
+    kv = 2 * m.n_layer * batch * ctx_len * m.n_embd * bytes_per_elem
+    return InferencePlan(num_params(m, vocab)["total"] * bytes_per_elem, kv, ctx_len, batch)
+
+
+def auto_micro_batch(cfg, ctx) -> int:
+    """`train.micro_batch = auto`: the largest power of two whose predicted peak leaves
+    HEADROOM of this device's memory free (CUDA: free device memory; CPU: MemAvailable)."""
+    from stalwart.plan import largest_micro_batch, runtime_budget
+
+    label, budget = runtime_budget(ctx.device)
+    usable = int(budget * (1 - HEADROOM))
+    largest = largest_micro_batch(cfg, usable, **_parallel_kwargs(cfg, ctx))
+    if largest < 1:
+        raise UserError(_too_big(cfg, label, budget, ctx))
+    return 1 << (largest.bit_length() - 1)
+
+
+def check_fits(cfg, micro_batch: int, ctx) -> None:
+    """Refuse (UserError, before anything is allocated) a step predicted not to fit the device."""
+    from stalwart.plan import largest_micro_batch, runtime_budget
+
+    label, budget = runtime_budget(ctx.device)
+    kw = _parallel_kwargs(cfg, ctx)
+    plan = training_memory(cfg, micro_batch=micro_batch, **kw)
+    if plan.total_bytes <= budget:
+        return
+    largest = largest_micro_batch(cfg, budget, **kw)
+    if largest < 1:
+        raise UserError(_too_big(cfg, label, budget, ctx))
+    raise UserError(
+        f"--train.micro_batch {micro_batch} needs {gb(plan.total_bytes)} but {label} has "
+        f"{gb(budget)}: the largest micro-batch that fits is {largest} (raise "
+        f"--train.grad_accum to keep the batch), or see `stalwart plan`"
+    )
+
+
+def _too_big(cfg, label: str, budget: int, ctx) -> str:
+    one = training_memory(cfg, micro_batch=1, **_parallel_kwargs(cfg, ctx)).total_bytes
+    return (
+        f"this model needs {gb(one)} even at --train.micro_batch 1 but {label} has "
+        f"{gb(budget)}: use --model.activation_checkpointing full, shard it "
+        "(--parallel.mode fsdp), or a smaller model; see `stalwart plan`"
+    )
+
+
+def _parallel_kwargs(cfg, ctx) -> dict:
+    zero = {"zero1": 1, "fsdp": 3}.get(cfg.parallel.mode, 0)
+    return {"world_size": ctx.world_size, "zero": zero, "device_type": ctx.device.type}
+
+
+def gb(n: float) -> str:
+    """Bytes for people: GiB above 1 GiB, MiB below."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def memory_record(device: torch.device) -> dict:
+    """The peak since the last call, for a metrics record (then reset; cheap: no sync beyond
+    the one the log interval already does).
+
+    CUDA: `peak_memory_bytes`, torch.cuda.max_memory_allocated (tensor bytes, what the planner
+    predicts). CPU: `peak_rss_bytes`, the process's VmHWM: everything resident (the Python
+    interpreter, libraries, the dataset's pages), not tensor bytes alone, so it sits a few
+    hundred MB above the planner's figure. Elsewhere: nothing.
+    """
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"peak_memory_bytes": int(peak)}
+    if device.type == "cpu":
+        try:
+            peak = peak_rss_bytes()
+        except OSError:
+            return {}
+        reset_peak_rss()
+        return {"peak_rss_bytes": int(peak)}
+    return {}

@@ -154,10 +154,15 @@ def _param_grad(tl: Timeline, s: Step, n: int, first: bool) -> None:
 
 
 def _gather(tl: Timeline, s: Step, elems: int, on: bool) -> None:
-    """FSDP / ZeRO-3 all-gathers a unit's full parameters around its forward and backward."""
+    """FSDP / ZeRO-3 all-gathers a unit's full parameters (16-bit under a mixed-precision
+    policy) into a fresh buffer around its forward and its backward."""
     if s.zero == 3 and s.world > 1:
-        n = elems * (s.lp if s.amp else 4) * (s.world - 1) // s.world
-        (tl.alloc if on else tl.free)("temporaries", n)
+        (tl.alloc if on else tl.free)("temporaries", elems * s.lp)
+
+
+def _root_elems(s: Step) -> int:
+    """FSDP's root unit: wte (= lm_head), wpe, ln_f; gathered for the whole step."""
+    return s.V * s.C + s.block_size * s.C + s.C * (2 if s.bias else 1)
 
 
 def _forward(tl: Timeline, s: Step) -> None:
@@ -339,12 +344,14 @@ def replay(s: Step) -> Timeline:
     tl.alloc("batch", s.grad_accum * s.B * (s.T + 1) * 8)
     for micro in range(min(s.grad_accum, 2)):  # later micro-batches repeat the second
         first = micro == 0
+        _gather(tl, s, _root_elems(s), True)
         _forward(tl, s)
         _head_backward(tl, s, first)
         for i in reversed(range(s.L)):
             tl.phase = f"backward: block {i}"
             _block_backward(tl, s, s.ckpt[i], first)
         _embedding_backward(tl, s, first)
+        _gather(tl, s, _root_elems(s), False)
     tl.phase = "optimizer step"
     tl.spike("temporaries", 0)
     return tl
@@ -358,20 +365,3 @@ def checkpoint_kinds(spec: str, n_layer: int) -> tuple[str, ...]:
     if kind == "every":
         return tuple("full" if i % every == 0 else "none" for i in range(n_layer))
     return (kind,) * n_layer
-
-
-def optimizer_state_bytes(optim_cfg, model_cfg, vocab: int) -> int:
-    """Optimizer state in bytes (fp32), from stalwart.optim where it says, else by algorithm."""
-    try:
-        from stalwart.optim import optimizer_state_bytes_for
-    except ImportError:
-        optimizer_state_bytes_for = None
-    if optimizer_state_bytes_for is not None:
-        return int(optimizer_state_bytes_for(optim_cfg, model_cfg, vocab, bytes_per_elem=4))
-    C, bias = model_cfg.n_embd, model_cfg.bias
-    tensors = [vocab * C, model_cfg.block_size * C, C * (2 if bias else 1)]
-    tensors += block_params(C, bias) * model_cfg.n_layer
-    states = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2, "muon": 1}.get(optim_cfg.name, 2)
-    # torch's Adam keeps `step` as a one-element fp32 tensor per parameter as well
-    steps = len(tensors) * 4 if optim_cfg.name in ("adam", "adamw") else 0
-    return states * sum(tensors) * 4 + steps

@@ -22,6 +22,7 @@ from stalwart.data import BatchLoader, eval_batches, open_dataset
 from stalwart.errors import UserError
 from stalwart.hardware import describe_peak
 from stalwart.health import build_monitor
+from stalwart.memory import memory_record
 from stalwart.metrics import MetricsLog, Progress, StepTimer, throughput_record
 from stalwart.model import build_model, flops_per_token, hardware_flops_per_token
 from stalwart.optim import build_optimizer
@@ -284,6 +285,7 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
                         timing, tokens_per_step, flops_per_step, hw_flops_per_step, peak
                     )
                 )
+                record.update(memory_record(device))  # peak since the last log interval
             evaluate_now = last or (
                 cfg.train.eval_interval and loop.step % cfg.train.eval_interval == 0
             )
@@ -369,4 +371,7 @@ def _micro_batch(cfg: Config, ctx) -> int:
         from stalwart.memory import auto_micro_batch
 
         return auto_micro_batch(cfg, ctx)
+    from stalwart.memory import check_fits
+
+    check_fits(cfg, int(cfg.train.micro_batch), ctx)  # refuse before allocating anything
     return int(cfg.train.micro_batch)
