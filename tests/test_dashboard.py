@@ -69,3 +69,41 @@ def test_a_failure_to_plot_never_fails_a_run(tmp_path):
     said = []
     assert write_dashboard_quietly(tmp_path / "not-a-run", say=said.append) is None
     assert said and said[0].startswith("warning: could not write the dashboard")
+
+
+# ---- optional loggers (extras): TensorBoard, W&B offline -----------------------------------
+
+
+def test_unknown_logger_is_a_user_error():
+    from stalwart.config import load_config
+    from stalwart.errors import UserError
+
+    with pytest.raises(UserError, match="unknown logger 'mlflow'"):
+        load_config(None, ["--train.loggers", "tensorboard,mlflow"])
+
+
+def test_tensorboard_logger_mirrors_the_records(tmp_path, tiny_data):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    cfg = tiny_config(
+        run, tiny_data, "--train.max_steps", "12", "--train.loggers", "tensorboard",
+        "--debug.inject_nan_at_step", "3",
+    )  # fmt: skip
+    train(cfg, progress=False)
+    ea = EventAccumulator(str(run / "tensorboard"))
+    ea.Reload()
+    losses = ea.Scalars("train/train_loss")
+    assert [e.step for e in losses] == [s for s in range(1, 13) if s != 3]  # NaN: not a scalar
+    assert "train/tokens_per_sec" in ea.Tags()["scalars"]
+    assert [e.step for e in ea.Scalars("doctor/diagnosis")] == [3]
+    assert any("nonfinite_early" in t for t in ea.Tags()["tensors"])
+
+
+def test_wandb_logger_offline(tmp_path, tiny_data):
+    pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    cfg = tiny_config(run, tiny_data, "--train.max_steps", "8", "--train.loggers", "wandb")
+    train(cfg, progress=False)
+    assert list((run / "wandb").glob("offline-run-*"))

@@ -103,6 +103,7 @@ class TrainConfig:
         0.0, "peak FLOP/s that MFU is measured against (0 = the device table / CPU calibration)"
     )
     dashboard: bool = opt(True, "`stalwart train` ends by writing run.dir/dashboard.png, .html")
+    loggers: str = opt("none", "mirror metrics to: none, tensorboard, wandb (offline), or both")
 
 
 @dataclass
@@ -416,6 +417,9 @@ def validate(cfg: Config) -> None:
     else:
         _positive("--train.micro_batch", t.micro_batch)
     parse_activation_checkpointing(m.activation_checkpointing)
+    from stalwart.loggers import parse_loggers  # one parser for the CLI check and the loop
+
+    parse_loggers(t.loggers)
     if not 0.0 < h.lr_backoff <= 1.0:
         raise UserError(f"--health.lr_backoff must be in (0, 1], got {h.lr_backoff}")
     _positive("--health.max_rollbacks", h.max_rollbacks, allow_zero=True)

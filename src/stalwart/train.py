@@ -22,6 +22,7 @@ from stalwart.data import BatchLoader, eval_batches, open_dataset
 from stalwart.errors import UserError
 from stalwart.hardware import describe_peak
 from stalwart.health import build_monitor
+from stalwart.loggers import attach_loggers
 from stalwart.memory import memory_record
 from stalwart.metrics import MetricsLog, Progress, StepTimer, throughput_record
 from stalwart.model import build_model, flops_per_token, hardware_flops_per_token
@@ -190,6 +191,7 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
     if resume_from is not None and cfg.debug.drop_optimizer_state_on_resume:
         opt.state.clear()  # fault injection: a resume that forgets Adam's moments (playbook)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
+    log = attach_loggers(log, cfg, run_dir, ctx.is_main)  # --train.loggers: TensorBoard, W&B
     ckpts.attach_log(log)  # the resume records, then every checkpoint event
     # the doctor's hands: skip, roll back (through the checkpoint manager), stop
     medic = Recovery(
