@@ -23,6 +23,9 @@ MiB, GiB = 1024**2, 1024**3
 # allocator, the CUDA context itself (not counted by max_memory_allocated), and the planner's
 # own +-10%.
 HEADROOM = 0.10
+# auto never goes past this: a tiny model "fits" 10^5 sequences in a CPU's RAM, but past a few
+# hundred sequences a bigger micro-batch buys no throughput, only slower steps
+AUTO_MAX_MICRO_BATCH = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +104,10 @@ def live_tensor_bytes() -> int:
             for t in (obj, obj.grad if obj.requires_grad else None):
                 if t is not None and t.layout == torch.strided:
                     s = t.untyped_storage()
-                    seen[s.data_ptr()] = s.nbytes()
+                    try:
+                        seen[s.data_ptr()] = s.nbytes()
+                    except RuntimeError:  # a wrapper (FSDP's DTensor): its local shard counts
+                        continue
     return sum(seen.values())
 
 
@@ -325,8 +331,9 @@ def inference_memory(
 
 
 def auto_micro_batch(cfg, ctx) -> int:
-    """`train.micro_batch = auto`: the largest power of two whose predicted peak leaves
-    HEADROOM of this device's memory free (CUDA: free device memory; CPU: MemAvailable)."""
+    """`train.micro_batch = auto`: the largest power of two, up to AUTO_MAX_MICRO_BATCH, whose
+    predicted peak leaves HEADROOM of the memory free (CUDA: the device's free memory; CPU:
+    MemAvailable, the RAM the kernel can hand out without swapping)."""
     from stalwart.plan import largest_micro_batch, runtime_budget
 
     label, budget = runtime_budget(ctx.device)
@@ -334,7 +341,7 @@ def auto_micro_batch(cfg, ctx) -> int:
     largest = largest_micro_batch(cfg, usable, **_parallel_kwargs(cfg, ctx))
     if largest < 1:
         raise UserError(_too_big(cfg, label, budget, ctx))
-    return 1 << (largest.bit_length() - 1)
+    return min(1 << (largest.bit_length() - 1), AUTO_MAX_MICRO_BATCH)
 
 
 def check_fits(cfg, micro_batch: int, ctx) -> None:
