@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from stalwart import checkpoint as ck
 from stalwart import parallel, trainstate
 from stalwart.ckpt_manager import TrainParts, build_checkpoint_manager
 from stalwart.config import Config, to_toml
@@ -132,7 +133,9 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
     cfg.model.vocab_size = vocab
     micro = _micro_batch(cfg, ctx)
     raw_model = build_model(cfg.model, vocab).to(device)
-    if cfg.run.init_from:
+    # init_from starts a run; a run that already has checkpoints resumes from its own weights
+    # (the source may be gone by then)
+    if cfg.run.init_from and not ck.step_dirs(run_dir / "checkpoints"):
         from stalwart.export import load_init_weights
 
         load_init_weights(raw_model, cfg.run.init_from)
