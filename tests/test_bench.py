@@ -86,6 +86,7 @@ def test_a_slow_data_source_shows_up_as_data_wait(tiny_data, tmp_path):
             tiny_data,
             *"--train.max_steps 8 --train.eval_interval 0 --ckpt.interval 0".split(),
             *("--debug.slow_data_ms", slow, "--train.eval_batches", "1"),
+            *("--train.peak_flops", "1e9"),  # train honours the override too
         )
         train(cfg, progress=False)
         recs = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "step_time_s" in r]
@@ -95,8 +96,11 @@ def test_a_slow_data_source_shows_up_as_data_wait(tiny_data, tmp_path):
     assert _median(fast, "data_wait_s") < 0.010
     assert _median(slow, "tokens_per_sec") < _median(fast, "tokens_per_sec")
     assert _median(slow, "data_wait_frac") > 3 * _median(fast, "data_wait_frac")
-    for r in slow:  # the phases account for the whole step
+    flops_per_step = flops_per_token(cfg.model, 256) * 8 * 32
+    for r in slow:  # the phases account for the whole step; MFU is against the given peak
         assert sum(r[p] for p in PHASES) == pytest.approx(r["step_time_s"], rel=1e-6)
+        assert r["mfu"] == pytest.approx(flops_per_step / r["step_time_s"] / 1e9, rel=1e-9)
+        assert r["hfu"] == r["mfu"]
 
 
 def test_step_timer_splits_a_step_and_skips_what_is_not_training():
