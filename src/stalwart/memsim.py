@@ -92,6 +92,11 @@ def block_params(C: int, bias: bool) -> list[int]:
     return ln + lin(C, 3 * C) + lin(C, C) + ln + lin(C, 4 * C) + lin(4 * C, C)
 
 
+def linear_params(s: Step) -> int:
+    """A block's Linear weights and biases: what autocast casts to 16 bits."""
+    return sum(block_params(s.C, s.bias)) - 2 * s.C * (2 if s.bias else 1)
+
+
 def model_params(s: Step) -> int:
     ln = s.C * (2 if s.bias else 1)
     return s.V * s.C + s.block_size * s.C + s.L * sum(block_params(s.C, s.bias)) + ln
@@ -174,12 +179,10 @@ def _forward(tl: Timeline, s: Step) -> None:
     tl.alloc("activations", N * C * 4)  # their sum: the first block's input
     if s.p_drop > 0:
         tl.alloc("activations", N * C * s.mask)
-    copies = 0
     for kind in s.ckpt:
         _gather(tl, s, bp, True)
         if s.amp and s.zero < 3:
-            tl.alloc("weight_copies", (bp - 4 * C) * lp)  # autocast's cast cache: the Linears
-            copies += (bp - 4 * C) * lp
+            tl.alloc("weight_copies", linear_params(s) * lp)  # autocast's cast cache
         inner = sum(b for _, b, k in saved_items(s) if k != "input")
         tl.alloc("activations", inner)
         tl.spike("temporaries", N * C * lp)  # a c_proj output before the residual add
@@ -197,7 +200,7 @@ def _forward(tl: Timeline, s: Step) -> None:
     tl.free("logits", N * s.V * (lp + (4 if s.amp else 0)))  # the logits are not kept
     # the autocast cache dies with the autocast region: only casts the graph saved stay
     if s.amp and s.zero < 3:
-        tl.free("weight_copies", sum(1 for k in s.ckpt if k != "none") * (bp - 4 * C) * lp)
+        tl.free("weight_copies", sum(k != "none" for k in s.ckpt) * linear_params(s) * lp)
 
 
 def _head_backward(tl: Timeline, s: Step, first: bool) -> None:
@@ -256,7 +259,7 @@ def _recompute(tl: Timeline, s: Step, kind: str) -> None:
     kept = kept_in_forward(s, kind)
     cproj = 2 * N * C * lp if kind == "selective" else 0
     if s.amp and s.zero < 3:
-        tl.alloc("weight_copies", (sum(block_params(C, s.bias)) - 4 * C) * lp)
+        tl.alloc("weight_copies", linear_params(s) * lp)
     tl.alloc("activations", inner - (kept - cproj))
     tl.spike("temporaries", N * C * lp)  # c_proj output (full) / the cached one's add
     # selective: the recomputed residual add consumes the cached attention c_proj output; the
