@@ -85,13 +85,19 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in pts], [v for _, v in pts]
 
 
-def _ema(values: list[float], alpha: float) -> list[float]:
-    out, m = [], None
-    for v in values:
-        if math.isfinite(v):
-            m = v if m is None else (1 - alpha) * m + alpha * v
-        out.append(m if m is not None else math.nan)
-    return out
+def _smooth(values: list[float]) -> list[float]:
+    """A centred moving average over ~1/40 of the run: unlike an EMA it does not lag behind
+    the fast early fall of the loss."""
+    import numpy as np
+
+    half = len(values) // 80
+    if half == 0:
+        return list(values)
+    v = np.asarray(values, dtype=float)
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    i = np.arange(len(v))
+    lo, hi = np.maximum(i - half, 0), np.minimum(i + half + 1, len(v))
+    return list((c[hi] - c[lo]) / (hi - lo))
 
 
 def _robust_top(values: list[float]) -> float | None:
@@ -144,8 +150,7 @@ def _loss_panel(ax, run: RunData, key: str, title: str) -> None:
         kept = [(s, v) for s, v in kept if top is None or v <= top]
         k_steps, k_vals = [s for s, _ in kept], [v for _, v in kept]
         ax.plot(k_steps, k_vals, color=color, lw=0.7, alpha=0.45)
-        alpha = min(0.3, max(0.02, 10 / max(len(k_vals), 1)))  # ~10 points of smoothing
-        ax.plot(k_steps, _ema(k_vals, alpha), color=color, lw=2.0)
+        ax.plot(k_steps, _smooth(k_vals), color=color, lw=2.0)
     else:
         ax.plot(steps, vals, "o-", color=color, lw=1.8, ms=4)
         best = min(range(len(vals)), key=lambda i: vals[i] if math.isfinite(vals[i]) else 1e30)
@@ -223,7 +228,7 @@ def _legend(fig):
     from matplotlib.lines import Line2D
 
     entries = [
-        ("train loss (EMA bold)", dict(color=COLORS["train loss"], lw=2)),
+        ("train loss (smoothed bold)", dict(color=COLORS["train loss"], lw=2)),
         ("val loss (* best)", dict(color=COLORS["val loss"], marker="o", lw=1.8)),
         ("grad norm", dict(color=COLORS["grad norm"], lw=1.2)),
         ("clip threshold", dict(color="#333333", ls="--")),

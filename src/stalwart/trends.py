@@ -23,7 +23,9 @@ from stalwart.detectors import (
     throughput_evidence,
 )
 
-SUSTAIN = 5  # slow tokens/s records in a row before a drop counts (one is a GC pause)
+# slow tokens/s records in a row before a drop counts: max(5, half a window). A GC pause or
+# a neighbour's burst on a shared host slows a few steps; a loader that falls behind stays slow
+MIN_SUSTAIN = 5
 EVALS_KEPT = 5
 
 
@@ -89,7 +91,8 @@ class TrendDetectors:
             self.slow.clear()
             self.tps.append(tps)
         found = None
-        if len(self.slow) >= SUSTAIN and step > self.cfg.grace_steps:
+        sustain = max(MIN_SUSTAIN, self.cfg.window // 2)
+        if len(self.slow) >= sustain and step > self.cfg.grace_steps:
             found = throughput_evidence(base, self.slow, self.cfg.throughput_drop, wait)
         self._condition(out, "throughput_drop", step, found)
 
