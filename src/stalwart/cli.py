@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="memory budget: breakdown, fits?, largest micro-batch")
     _config_args(s)
     s.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (1)")
-    s.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage / FSDP=3")
+    s.add_argument(
+        "--zero", type=int, choices=[0, 1, 2, 3], help="ZeRO stage, 3 = FSDP (from parallel.mode)"
+    )
     s.add_argument("--device", help="cpu or a GPU of the table (H100, A100-40GB, ...)")
     s.add_argument("--headroom", type=float, help="share of device memory kept free (0.1)")
     s.add_argument("--tokens-per-step", type=int, help="target tokens per optimizer step")

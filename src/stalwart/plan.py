@@ -199,10 +199,13 @@ def cmd_plan(args, rest) -> int:
         print(lesson_table(as_json=args.json))
         return 0
     cfg = load_config(args.config, rest)
+    zero = args.zero
+    if zero is None:  # what the configured parallel mode shards
+        zero = {"zero1": 1, "fsdp": 3}.get(cfg.parallel.mode, 0)
     report = build_report(
         cfg,
         args.world_size,
-        args.zero,
+        zero,
         args.device or default_device(cfg),
         HEADROOM if args.headroom is None else args.headroom,
         args.tokens_per_step,
