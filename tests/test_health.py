@@ -316,3 +316,22 @@ def test_throughput_drop_from_a_slow_loader(tmp_path, tiny_data):
     assert _symptoms(records) == ["throughput_drop"]
     d = next(r for r in records if r.get("event") == "diagnosis")
     assert "waits on data" in d["evidence"] and "data loader falls behind" in d["cause"]
+
+
+def test_nan_embedding_row_is_named(tmp_path, tiny_data):
+    """Start from weights whose embedding row for ' ' (id 32, in every batch of Python source)
+    is NaN: the doctor names the token rather than just 'NaN', and stops after 3 such steps."""
+    from safetensors.torch import save_file
+
+    from stalwart import checkpoint as ck
+
+    _run(tmp_path / "src", tiny_data, "--train.max_steps", 6, "--ckpt.interval", 6)
+    weights = ck.read_model_state(tmp_path / "src/checkpoints/step_00000006")
+    weights["transformer.wte.weight"][32] = float("nan")
+    save_file(weights, str(tmp_path / "poisoned.safetensors"))
+    result, records = _run(
+        tmp_path / "r", tiny_data, "--run.init_from", tmp_path / "poisoned.safetensors"
+    )
+    assert _symptoms(records) == ["bad_tokens"] * 3
+    assert result.health_stop["action"] == "stop" and result.step == 2
+    assert "embedding rows of token ids [32]" in result.health_stop["evidence"]
