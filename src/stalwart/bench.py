@@ -81,7 +81,11 @@ class _Probe:
             self.records.append(record)
         if step in (self.first - 1, self.last):
             self.cpu_marks.append(time.process_time())
-        if self.mem_step is not None and step == self.mem_step - 1:
+        if self.device.type == "cuda" and step == self.mem_step:
+            # the loop's own record: max_memory_allocated since the last log boundary (reset
+            # there), i.e. this step's peak with everything held at its start
+            self.peak_bytes = record.get("peak_memory_bytes")
+        elif self.mem_step is not None and step == self.mem_step - 1:
             try:
                 from stalwart.memory import PeakMemory
 
