@@ -3,9 +3,10 @@
 Each is a `torch.optim.Optimizer` subclass, so param groups (each with its own hyperparameters),
 `state_dict()` / `load_state_dict()` and a loop that rewrites `group["lr"]` every step all work
 exactly as with `torch.optim`. They follow torch's conventions (where the decay goes, what the
-first momentum step is), so `tests/test_optimizers.py` can prove them equal to `torch.optim` to
-within float rounding. The math is in the docstrings; the code keeps torch's order of
-operations (a fused multiply-add here, a division there) so that the rounding matches too.
+first momentum step is), and `tests/test_optimizers.py` proves them equal to `torch.optim`: bit
+for bit against its for-loop code path, to within float rounding against its fused kernel. The
+math is in the docstrings; the code keeps torch's order of operations (a fused multiply-add
+here, a division there) so that the rounding matches too.
 
 Notation: w weights, g gradient, lr learning rate, λ weight decay, t the step (from 1).
 """
@@ -37,7 +38,7 @@ def adam_update_(
     m.lerp_(g, 1 - beta1)  # m = beta1 m + (1 - beta1) g        (first moment: the mean)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v = beta2 v + (1 - beta2) g²  (second)
     # Both averages start at 0, so early on they underestimate the moments by (1 - beta^t):
-    # divide it out (bias correction). Step 1 then moves every weight by exactly lr.
+    # divide it out (bias correction). Step 1 then moves every weight by lr (eps aside).
     bc1 = 1 - beta1**t
     bc2 = 1 - beta2**t
     denom = (v.sqrt() / bc2**0.5).add_(eps)  # sqrt(v̂) + eps

@@ -187,6 +187,9 @@ def machine_info() -> dict[str, str]:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    if hasattr(os, "getloadavg"):  # timings mean little on a busy machine: say how busy it was
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        info["load average (1, 5, 15 min) at the end"] = f"{load} on {os.cpu_count()} cores"
     return info
 
 

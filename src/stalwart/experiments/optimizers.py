@@ -2,15 +2,17 @@
 
 SGD, SGD with momentum, Adam (coupled decay), AdamW (decoupled decay) and Muon train the same
 model from the same initialisation on the same batches (same seed) for the same number of steps
-under the same warmup + cosine schedule, weight decay 0.1 and grad clip 1.0. Only the optimizer
-and its peak learning rate differ. The report compares final held-out loss and the optimizer
-state each one keeps (measured from the run's own final checkpoint, and predicted from the
-config by `stalwart.optim.optimizer_state_bytes_for`).
+under the same warmup + cosine schedule and grad clip 1.0. Only the optimizer, its peak learning
+rate and (for the SGD family) the weight decay differ. The report compares final held-out loss,
+the size of the trained weights, and the optimizer state each one keeps (measured from the run's
+own final checkpoint, and predicted from the config by `optimizer_state_bytes_for`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from stalwart.experiments.common import (
     Context,
@@ -25,22 +27,34 @@ from stalwart.experiments.common import (
     write_report,
 )
 
-# Peak LRs, chosen by a 100-step sweep (docs/optimizers.md) around the usual values. With the
-# gradient clipped to norm 1, SGD's step is at most lr in norm, while Adam moves *every* weight by
-# about lr (a step of norm ~ lr * sqrt(n_params)); SGD needs a ~1000x larger LR to move as far.
-# Momentum's velocity sums ~1/(1 - 0.9) = 10 gradients, so it needs ~10x less than SGD.
-# Adam and AdamW share an LR so that the decay is the only difference between them.
-# Muon: optim.lr is its AdamW part (embeddings, norms, biases); muon_lr its hidden matrices.
+# Peak LRs: the best of a 3-4 point sweep per optimizer in 100-step runs of the FULL model
+# (docs/optimizers.md has the numbers). SGD needs ~300x Adam's LR: with the gradient clipped to
+# norm 1 its whole step has norm <= lr, while Adam moves *every* weight by about lr (a step of
+# norm ~ lr * sqrt(n_params)). Momentum's velocity sums ~1/(1 - 0.9) = 10 gradients, so its best
+# LR is 10x smaller than SGD's. Adam and AdamW share an LR so that the decay is their only
+# difference. Muon: optim.lr is its AdamW part (embeddings, norms, biases), muon_lr its matrices.
+#
+# Weight decay: 0.1 is an AdamW number (shrink per step lr·λ = 1e-4 at lr 1e-3). In SGD the
+# same λ at lr 0.3 shrinks every weight by 3% a step and collapses the matrices to ~0.002 RMS in
+# 200 steps (we measured it), so the SGD family gets λ = 3e-4: the same 1e-4 per step at peak.
+# Adam keeps AdamW's λ = 0.1, coupled: that contrast is the lesson's point.
+SGD_DECAY = 3e-4
 OPTIMIZERS: dict[str, dict] = {
-    "sgd": {"optim.name": "sgd", "optim.lr": 1.0},
-    "momentum": {"optim.name": "momentum", "optim.lr": 0.1, "optim.momentum": 0.9},
-    "adam": {"optim.name": "adam", "optim.lr": 3e-3},
-    "adamw": {"optim.name": "adamw", "optim.lr": 3e-3},
+    "sgd": {"optim.name": "sgd", "optim.lr": 0.3, "optim.weight_decay": SGD_DECAY},
+    "momentum": {
+        "optim.name": "momentum",
+        "optim.lr": 0.03,
+        "optim.momentum": 0.9,
+        "optim.weight_decay": SGD_DECAY,
+    },
+    "adam": {"optim.name": "adam", "optim.lr": 1e-3, "optim.weight_decay": 0.1},
+    "adamw": {"optim.name": "adamw", "optim.lr": 1e-3, "optim.weight_decay": 0.1},
     "muon": {
         "optim.name": "muon",
         "optim.lr": 3e-3,
         "optim.muon_lr": 0.02,
         "optim.momentum": 0.95,  # Keller Jordan's default for Muon
+        "optim.weight_decay": 0.1,
     },
 }
 
@@ -50,9 +64,9 @@ FULL = {
     "model.n_embd": 128,
     "model.block_size": 64,
     "train.micro_batch": 16,
-    "train.max_steps": 300,
-    "schedule.warmup_steps": 30,
-    "train.eval_interval": 25,
+    "train.max_steps": 200,
+    "schedule.warmup_steps": 20,
+    "train.eval_interval": 20,
     "train.eval_batches": 20,
 }
 QUICK = {  # CI-sized: seconds in total
@@ -67,7 +81,6 @@ QUICK = {  # CI-sized: seconds in total
     "train.eval_batches": 2,
 }
 COMMON = {
-    "optim.weight_decay": 0.1,
     "optim.grad_clip": 1.0,
     "schedule.name": "cosine",
     "train.precision": "fp32",
@@ -117,41 +130,58 @@ def plot(runs: list[RunRecord], path: Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
-def conclusion(runs: list[RunRecord], state: dict[str, int], quick: bool) -> str:
+def matrix_rms(model: torch.nn.Module) -> float:
+    """RMS of all weight matrices (the decayed tensors): how far decay pulled them to 0."""
+    mats = [p.detach().flatten() for p in model.parameters() if p.dim() >= 2]
+    return float(torch.cat(mats).pow(2).mean().sqrt())
+
+
+def init_matrix_rms(rec: RunRecord) -> float:
+    """The same statistic at initialisation (same seed, same init as the run)."""
+    from stalwart.model import build_model
+    from stalwart.trainstate import seed_everything
+
+    seed_everything(rec.cfg.run.seed)
+    return matrix_rms(build_model(rec.cfg.model, rec.cfg.model.vocab_size))
+
+
+def conclusion(stats: dict[str, dict], init_rms: float, quick: bool) -> str:
     """What the numbers support, written from the numbers."""
-    by = {r.name: r.final_val for r in runs}
-    ranked = sorted(by, key=by.get)
-    lines = [
-        "Ranking by final held-out loss (lower is better): "
-        + " < ".join(f"{n} ({by[n]:.3f})" for n in ranked)
-        + "."
-    ]
-    if {"sgd", "adamw"} <= by.keys():
-        gap = by["sgd"] - by["adamw"]
+    val = {n: s["val"] for n, s in stats.items()}
+    rms = {n: s["rms"] for n, s in stats.items()}
+    ranked = sorted(val, key=val.get)
+    lines = ["Final held-out loss: " + " < ".join(f"{n} ({val[n]:.3f})" for n in ranked) + "."]
+    if {"sgd", "adamw"} <= val.keys():
         lines.append(
-            f"At the same step budget plain SGD ends {gap:+.3f} nats/token relative to AdamW"
+            f"At the same step budget plain SGD ends {val['sgd'] - val['adamw']:+.3f} nats/token "
+            "relative to AdamW."
+        )
+    if {"sgd", "momentum"} <= val.keys():
+        d = val["momentum"] - val["sgd"]
+        lines.append(
+            f"Momentum ends {d:+.3f} nats/token relative to plain SGD"
             + (
-                f"; momentum closes {(by['sgd'] - by['momentum']) / gap:.0%} of that gap."
-                if "momentum" in by and gap > 0
-                else "."
+                ": at this budget and these LRs it did not help."
+                if d > 0
+                else ", for one extra state tensor per parameter."
             )
         )
-    if {"adam", "adamw"} <= by.keys():
-        d = by["adam"] - by["adamw"]
+    if {"adam", "adamw"} <= val.keys():
+        d = val["adam"] - val["adamw"]
         lines.append(
-            f"Adam (coupled decay) vs AdamW (decoupled), same LR and decay 0.1: {d:+.4f} nats; "
-            + (
-                "too small to matter in a run this short (the decay term lr·λ·w is tiny over "
-                "a few hundred steps)."
-                if abs(d) < 0.01
-                else "the decoupling is visible even in this short run."
-            )
+            f"Adam vs AdamW, same LR, same λ = 0.1: {d:+.3f} nats/token. Adam's matrices end at "
+            f"RMS {rms['adam']:.4f}, AdamW's at {rms['adamw']:.4f} (init {init_rms:.4f}): "
+            "coupled decay is divided by √v̂, so weights with small gradients are pulled to 0 "
+            "at up to lr per step, which AdamW's decoupled (1 − lr·λ) shrink never does."
+            if abs(d) >= 0.01
+            else f"Adam vs AdamW, same LR, same λ = 0.1: {d:+.4f} nats/token, too small to "
+            "matter in a run this short."
         )
-    if {"muon", "adamw"} <= by.keys():
-        d = by["muon"] - by["adamw"]
+    if {"muon", "adamw"} <= val.keys():
+        ratio = stats["muon"]["state"] / stats["adamw"]["state"]
         lines.append(
-            f"Muon vs AdamW: {d:+.3f} nats/token, with "
-            f"{state['muon'] / state['adamw']:.0%} of AdamW's optimizer state."
+            f"Muon vs AdamW: {val['muon'] - val['adamw']:+.3f} nats/token, with {ratio:.0%} of "
+            "AdamW's optimizer state."
         )
     lines.append(
         "One seed per optimizer and one LR each (picked by a short sweep): differences of a few "
@@ -162,56 +192,68 @@ def conclusion(runs: list[RunRecord], state: dict[str, int], quick: bool) -> str
     return "\n".join(f"- {line}" for line in lines)
 
 
+HEADERS = [
+    "optimizer",
+    "peak LR",
+    "weight decay λ",
+    "final val loss (nats/token)",
+    "best val loss",
+    "matrix RMS at end",
+    "optimizer state, measured (bytes)",
+    "state / fp32 weights",
+    "predicted by `optimizer_state_bytes_for`",
+    "median tokens/s",
+    "wall (s)",
+]
+
+
+def table_row(rec: RunRecord, s: dict, param_bytes: int) -> list[str]:
+    o = rec.cfg.optim
+    return [
+        f"`{rec.name}`",
+        f"{o.lr:g}" + (f" (matrices {o.muon_lr:g})" if o.name == "muon" else ""),
+        f"{o.weight_decay:g}",
+        f"{s['val']:.4f}",
+        f"{min(rec.curve('val_loss')[1]):.4f}",
+        f"{s['rms']:.4f}",
+        f"{s['state']:,} ({fmt_bytes(s['state'])})",
+        f"{s['state'] / param_bytes:.2f}x",
+        f"{predicted_state_bytes(rec):,}",
+        f"{rec.median('tokens_per_sec'):,.0f}",
+        f"{rec.wall_s:.0f}",
+    ]
+
+
 def run(ctx: Context) -> Path:
     size = QUICK if ctx.quick else FULL
     runs = [run_training(ctx, name, {**COMMON, **size, **o}) for name, o in OPTIMIZERS.items()]
-    state = {r.name: measured_state_bytes(r) for r in runs}
+    stats = {
+        r.name: {
+            "val": r.final_val,
+            "rms": matrix_rms(r.result.model),
+            "state": measured_state_bytes(r),
+        }
+        for r in runs
+    }
     params = sum(p.numel() for p in runs[0].result.model.parameters())
     m = runs[0].cfg.model
-    tokens = runs[0].curve("tokens")[1][-1]
+    tokens = int(runs[0].curve("tokens")[1][-1])
     title = (
         f"{m.n_layer}-layer, {m.n_embd}-wide GPT ({params / 1e6:.2f}M params), "
         f"{size['train.max_steps']} steps, {tokens:,} tokens each"
     )
     figure = plot(runs, ctx.out / "loss_curves.png", title)
-    rows = [
-        [
-            f"`{r.name}`",
-            f"{r.cfg.optim.lr:g}"
-            + (f" (matrices {r.cfg.optim.muon_lr:g})" if r.name == "muon" else ""),
-            f"{r.final_val:.4f}",
-            f"{min(r.curve('val_loss')[1]):.4f}",
-            f"{state[r.name]:,} ({fmt_bytes(state[r.name])})",
-            f"{state[r.name] / (4 * params):.2f}x",
-            f"{predicted_state_bytes(r):,}",
-            f"{r.median('tokens_per_sec'):,.0f}",
-            f"{r.wall_s:.0f}",
-        ]
-        for r in runs
-    ]
-    table = markdown_table(
-        [
-            "optimizer",
-            "peak LR",
-            "final val loss (nats/token)",
-            "best val loss",
-            "optimizer state, measured (bytes)",
-            "state / fp32 weights",
-            "predicted by `optimizer_state_bytes_for`",
-            "median tokens/s",
-            "wall (s)",
-        ],
-        rows,
-    )
+    table = markdown_table(HEADERS, [table_row(r, stats[r.name], 4 * params) for r in runs])
+    init_rms = init_matrix_rms(runs[0])
     setup = ", ".join(f"`{k} = {v}`" for k, v in {**COMMON, **size}.items())
     body = f"""
 ## Setup
 
 {title}; data `{ctx.data_dir}` (byte tokens). Identical for every run: {setup}.
-Peak learning rates per optimizer are in the table; why they differ is in
-[docs/optimizers.md](../../docs/optimizers.md#the-optimizers-experiment) (SGD needs a far larger
-LR than Adam: with the gradient clipped to norm 1 its step has norm at most `lr`, while Adam
-moves every weight by about `lr`).
+The peak LR and weight decay of each optimizer are in the table; why they differ is in
+[docs/optimizers.md](../../docs/optimizers.md#the-optimizers-experiment): SGD needs a far larger
+LR than Adam (with the gradient clipped to norm 1 its step has norm at most `lr`, while Adam
+moves every weight by about `lr`), and so a far smaller λ for the same shrink per step.
 
 ## Results
 
@@ -219,13 +261,14 @@ moves every weight by about `lr`).
 
 {table}
 
-Optimizer state is measured with `stalwart.optim.optimizer_state_bytes` on the optimizer rebuilt
-from each run's final checkpoint (per-element state only; the per-tensor step counters are a
-few hundred bytes and left out) and predicted from the config alone by
+Matrix RMS: root-mean-square of all weight matrices at the end (at initialisation:
+{init_rms:.4f}). Optimizer state is measured with `stalwart.optim.optimizer_state_bytes` on the
+optimizer rebuilt from each run's final checkpoint (per-element state; the per-tensor step
+counters are a few hundred bytes and left out) and predicted from the config alone by
 `stalwart.optim.optimizer_state_bytes_for` (what the memory planner uses).
 
 ## Conclusion
 
-{conclusion(runs, state, ctx.quick)}
+{conclusion(stats, init_rms, ctx.quick)}
 """
     return write_report(ctx, "Optimizers: SGD, momentum, Adam, AdamW, Muon", body)
