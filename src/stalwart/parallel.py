@@ -150,7 +150,15 @@ def wrap_model(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> torch.n
 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         # DDP also broadcasts rank 0's weights once, so replicas start identical
-        return DDP(model, device_ids=ids, bucket_cap_mb=cfg.parallel.bucket_mb)
+        return DDP(
+            model,
+            device_ids=ids,
+            bucket_cap_mb=cfg.parallel.bucket_mb,
+            # reduced gradients stay in the all-reduce buckets (p.grad is a view), no copy back.
+            # The peak is unchanged: with zero_grad(set_to_none) backward still makes fresh
+            # gradients before they land in the buckets (see BENCHMARKS.md, Distributed)
+            gradient_as_bucket_view=True,
+        )
     if ctx.mode == "fsdp":
         _fully_shard(model, cfg, ctx)
     return model
