@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +178,19 @@ def _dcp_load(state_dict: dict, path: Path) -> None:
         def load_bytes(self, read_item, value):
             raise ck.CheckpointUnreadable(f"{path} holds a pickled object: not a stalwart shard")
 
-    dcp.load(state_dict, storage_reader=_reader(path), planner=TensorsOnly())
+    try:
+        with warnings.catch_warnings():  # one process loading shards is what we mean to do
+            warnings.filterwarnings(
+                "ignore", message=".*assuming the intent is to load in a single"
+            )
+            dcp.load(state_dict, storage_reader=_reader(path), planner=TensorsOnly())
+    except dcp.api.CheckpointException as e:  # every rank's failure, tracebacks included
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        ours = [ln for ln in lines if "use another checkpoint" in ln]
+        reason = (ours or lines or ["unknown error"])[-1]
+        raise ck.CheckpointUnreadable(
+            f"the shards in {path} cannot be loaded ({reason[-300:]}); use another checkpoint"
+        ) from None
 
 
 def _param_names(cfg, model) -> list[str]:
