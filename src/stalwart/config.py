@@ -94,6 +94,9 @@ class TrainConfig:
     micro_batch: int | str = opt(8, "sequences per forward/backward (or auto: the planner picks)")
     grad_accum: int = opt(1, "micro-batches per optimizer step (per process)")
     precision: str = opt("auto", "auto | fp32 | bf16 | fp16", ("auto", "fp32", "bf16", "fp16"))
+    grad_scaler: bool = opt(
+        True, "fp16 only: dynamic loss scaling (false = the lesson's demo of fp16 underflow)"
+    )
     eval_interval: int = opt(100, "steps between held-out evaluations (0 = only at the end)")
     eval_batches: int = opt(20, "held-out micro-batches per evaluation")
     log_interval: int = opt(1, "steps between metrics records / progress lines")
@@ -151,6 +154,9 @@ class DebugConfig:
     repeat_batches: bool = opt(False, "fault injection: the loader returns the same batch forever")
     drop_optimizer_state_on_resume: bool = opt(
         False, "fault injection: resume without the optimizer's moments (a broken resume)"
+    )
+    forget_accum_division: bool = opt(
+        False, "demo only: skip the loss / grad_accum division (effective LR x grad_accum)"
     )
 
 

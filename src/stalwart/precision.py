@@ -54,7 +54,8 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
-def build_precision(name: str, device: torch.device) -> Precision:
+def build_precision(name: str, device: torch.device, grad_scaler: bool = True) -> Precision:
+    """grad_scaler=False turns loss scaling off even for fp16 (the underflow demo)."""
     resolved = resolve_precision(name, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=resolved == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=resolved == "fp16" and grad_scaler)
     return Precision(resolved, device, scaler)

@@ -139,7 +139,7 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
         from stalwart.export import load_init_weights
 
         load_init_weights(raw_model, cfg.run.init_from)
-    prec = build_precision(cfg.train.precision, device)
+    prec = build_precision(cfg.train.precision, device, cfg.train.grad_scaler)
     # data parallelism. FSDP shards raw_model's parameters in place, so the optimizer is built
     # after it, over the shards; ZeRO-1 shards the optimizer's state instead
     model = parallel.wrap_model(raw_model, cfg, ctx)
@@ -237,7 +237,9 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
             if "before_backward" in hooks:
                 hooks["before_backward"](s, batches)
             try:
-                loss = forward_backward(model, batches, prec, cfg.train.grad_accum, ctx)
+                # debug.forget_accum_division: the lesson's bug, for the accumulation experiment
+                accum = 1 if cfg.debug.forget_accum_division else cfg.train.grad_accum
+                loss = forward_backward(model, batches, prec, accum, ctx)
             except (IndexError, RuntimeError):
                 if not medic.explain_crash(s + 1, batches):  # token ids out of range: stop
                     raise
