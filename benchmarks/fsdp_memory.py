@@ -165,9 +165,8 @@ def main() -> None:
     print(f"{'mode':<6} {'zero':>4} {'measured/rank':>14} {'predicted':>10} {'pred/meas':>9}")
     for r in rows:
         m, q = r["measured_peak_bytes"], r["predicted_bytes"]
-        print(
-            f"{r['mode']:<6} {r['zero']:>4} {m / 2**20:>11.1f}MiB {q / 2**20:>7.1f}MiB {q / m:>9.3f}"
-        )
+        mib = f"{m / 2**20:>11.1f}MiB {q / 2**20:>7.1f}MiB"
+        print(f"{r['mode']:<6} {r['zero']:>4} {mib} {q / m:>9.3f}")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,22 @@ def launches(root: Path, data: Path) -> dict[str, list[list[str]]]:
         root / "nodes", data, *TWO_RANKS, "--parallel.mode", "ddp", nproc=1, launcher=launcher
     )
     jobs["nodes"] = [node, node]
+    # stopped by a SIGTERM that reaches rank 1 alone (see `runs`); slow steps leave time for it
+    slow = ["--debug.slow_data_ms", "300", "--ckpt.interval", "0"]
+    jobs["term"] = [torchrun_cmd(root / "term", data, *TWO_RANKS, "--parallel.mode", "fsdp", *slow)]
     return jobs
+
+
+def _terminate_rank1_after(step: int, run_dir: Path, agent, deadline: float) -> None:
+    """SIGTERM to rank 1's worker (not to torchrun) once `run_dir` has logged `step`."""
+    while agent.poll() is None and time.monotonic() < deadline:
+        if max(losses(run_dir), default=0) >= step:
+            workers = _workers(agent.pid)
+            if 1 in workers:
+                os.kill(workers[1], signal.SIGTERM)
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{run_dir} never reached step {step}")
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +166,12 @@ def runs(tiny_data, tmp_path_factory):
             for name, cmds in jobs.items()
             for i, cmd in enumerate(cmds)
         }
+        _terminate_rank1_after(3, root / "term", procs[("term", 0)], time.monotonic() + 240)
         rcs = {key: p.wait(timeout=300) for key, p in procs.items()}
     for (name, i), rc in rcs.items():
         log = (root / f"{name}{i}.log").read_text()
-        assert rc == 0, f"{name}: torchrun exited {rc}:\n{log[-4000:]}"
+        # the stopped job's rank 1 exits 143 (128 + SIGTERM), and so torchrun fails
+        assert rc == (1 if name == "term" else 0), f"{name}: torchrun exited {rc}:\n{log[-4000:]}"
         out[name] = root / name
     return out
 
@@ -283,3 +300,16 @@ def test_two_nodes_on_loopback_train_together(runs):
     one 2-rank job: one metrics.jsonl, and the very losses of the 2-rank job on one node."""
     _steps_once(runs["nodes"])
     assert_same(losses(runs["nodes"]), losses(runs["ddp"]))
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(runs):
+    """Only rank 1 got the signal; rank 0 learnt of it at the step's all-reduce: both stopped
+    after the same step, which was saved (one checkpoint, verified) and recorded by rank 0."""
+    records = read_metrics(runs["term"] / "metrics.jsonl")
+    stopped = [r for r in records if r.get("event") == "stopped"]
+    assert len(stopped) == 1
+    step = stopped[0]["step"]
+    assert 3 <= step < STEPS and max(losses(runs["term"])) == step
+    saved = ck.step_dir(runs["term"] / "checkpoints", step)
+    assert ck.verify(saved).ok
+    assert [p.name for p in ck.step_dirs(runs["term"] / "checkpoints")] == [saved.name]
