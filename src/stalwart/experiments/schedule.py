@@ -1,0 +1,166 @@
+"""The schedule experiment: warmup + cosine against a constant LR, and a sweep of warmup lengths.
+
+Every run trains the same small GPT from the same initialisation on the same batches; only the
+schedule differs. The peak LR (3e-3) is deliberately on the high side for this model: warmup
+exists to protect the first steps, when Adam's second-moment estimate is still poor and the
+weights are random, so a too-gentle LR would hide what it does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stalwart.experiments.common import (
+    Context,
+    RunRecord,
+    markdown_table,
+    new_figure,
+    run_training,
+    save_figure,
+    smooth,
+    write_report,
+)
+
+PEAK_LR = 3e-3
+FULL = {
+    "model.n_layer": 2,
+    "model.n_head": 2,
+    "model.n_embd": 64,
+    "model.block_size": 64,
+    "train.micro_batch": 8,
+    "train.max_steps": 300,
+    "train.eval_interval": 50,
+    "train.eval_batches": 10,
+}
+QUICK = {
+    "model.n_layer": 1,
+    "model.n_head": 2,
+    "model.n_embd": 32,
+    "model.block_size": 32,
+    "train.micro_batch": 4,
+    "train.max_steps": 12,
+    "train.eval_interval": 6,
+    "train.eval_batches": 2,
+}
+COMMON = {
+    "optim.lr": PEAK_LR,
+    "optim.grad_clip": 1.0,
+    "train.precision": "fp32",
+    "train.log_interval": 1,
+    "train.sample_tokens": 0,
+    "ckpt.interval": 0,
+    "ckpt.keep_last": 1,
+    "run.seed": 1337,
+    "run.threads": 1,
+    "run.device": "cpu",
+}
+
+
+def variants(max_steps: int) -> dict[str, dict]:
+    """constant LR (no warmup), then cosine with warmup 0 and a sweep up to a third of the run."""
+    fracs = (0.0, 0.01, 0.033, 0.1, 0.33)
+    out = {"constant, warmup 0": {"schedule.name": "constant", "schedule.warmup_steps": 0}}
+    for f in fracs:
+        w = int(round(f * max_steps))
+        out[f"cosine, warmup {w}"] = {"schedule.name": "cosine", "schedule.warmup_steps": w}
+    return out
+
+
+def plot(runs: list[RunRecord], path: Path, title: str) -> Path:
+    fig, (ax_lr, ax_loss) = new_figure(ncols=2)
+    for rec in runs:
+        steps, lr = rec.curve("lr")
+        (line,) = ax_lr.plot(steps, lr, label=rec.name, linewidth=1.5)
+        steps, loss = rec.curve("train_loss")
+        ax_loss.plot(steps, smooth(loss), label=rec.name, color=line.get_color(), linewidth=1.5)
+    ax_lr.set_title("learning rate per step")
+    ax_lr.set_ylabel("learning rate")
+    ax_loss.set_title("training loss (EMA 0.9)")
+    ax_loss.set_ylabel("cross-entropy (nats/token)")
+    for ax in (ax_lr, ax_loss):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def early(rec: RunRecord, key: str, upto: int) -> float:
+    values = [v for s, v in zip(*rec.curve(key)) if s <= upto]
+    return max(values) if values else float("nan")
+
+
+def conclusion(runs: list[RunRecord], quick: bool) -> str:
+    val = {r.name: r.final_val for r in runs}
+    cos = [r for r in runs if r.name.startswith("cosine")]
+    no_warm = cos[0]
+    best = min(cos, key=lambda r: r.final_val)
+    lines = [
+        f"Cosine decay vs a constant LR (both without warmup): "
+        f"{no_warm.final_val - val['constant, warmup 0']:+.3f} nats/token final held-out loss.",
+        f"Best warmup in the sweep: `{best.name}` ({best.final_val:.3f}); warmup 0 ends at "
+        f"{no_warm.final_val:.3f} ({no_warm.final_val - best.final_val:+.3f}).",
+    ]
+    for r in cos[1:]:
+        d = r.final_val - no_warm.final_val
+        lines.append(f"`{r.name}` vs warmup 0: {d:+.3f} nats/token")
+    lines.append(
+        "Differences under ~0.02 nats/token are within seed noise for runs this short (one seed "
+        "each): warmup matters where the sweep moves the loss by more than that, and where the "
+        "pre-clip gradient norm of the first steps (table) is much larger without it."
+    )
+    if quick:
+        lines.insert(0, "**--quick run: too short to support any conclusion; smoke test only.**")
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def run(ctx: Context) -> Path:
+    size = QUICK if ctx.quick else FULL
+    steps = size["train.max_steps"]
+    runs = [
+        run_training(ctx, name.replace(", ", "_").replace(" ", ""), {**COMMON, **size, **v})
+        for name, v in variants(steps).items()
+    ]
+    for rec, name in zip(runs, variants(steps)):
+        rec.name = name
+    m = runs[0].cfg.model
+    title = f"{m.n_layer}-layer {m.n_embd}-wide GPT, peak LR {PEAK_LR:g}, {steps} steps"
+    figure = plot(runs, ctx.out / "lr_and_loss.png", title)
+    first = max(2, steps // 10)
+    rows = [
+        [
+            f"`{r.name}`",
+            f"{r.final_val:.4f}",
+            f"{min(r.curve('val_loss')[1]):.4f}",
+            f"{early(r, 'grad_norm', first):.2f}",
+            f"{sum(r.curve('clipped')[1][:first]) / first:.0%}",
+            f"{r.wall_s:.0f}",
+        ]
+        for r in runs
+    ]
+    headers = [
+        "schedule",
+        "final val loss (nats/token)",
+        "best val loss",
+        f"max pre-clip grad norm, steps 1-{first}",
+        f"clipped steps, 1-{first}",
+        "wall (s)",
+    ]
+    setup = ", ".join(f"`{k} = {v}`" for k, v in {**COMMON, **size}.items())
+    body = f"""
+## Setup
+
+{title}; data `{ctx.data_dir}`. Same seed, init and batches for every run; only
+`schedule.name` and `schedule.warmup_steps` differ. Cosine decays to `lr / 10`. {setup}.
+
+## Results
+
+![LR and loss curves]({figure.name})
+
+{markdown_table(headers, rows)}
+
+## Conclusion
+
+{conclusion(runs, ctx.quick)}
+"""
+    return write_report(ctx, "Schedule: warmup + cosine vs constant LR", body)
