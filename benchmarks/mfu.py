@@ -122,7 +122,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="0 = torch's default")
     ap.add_argument("--parts", action="store_true", help="one-thread op breakdown instead")
+    ap.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        help='another shape as config flags, e.g. "--model.n_embd 512" (repeatable)',
+    )
     args = ap.parse_args()
+    for flags in args.shape:
+        SHAPES[flags] = flags.split()
     if args.parts:
         for name, flags in SHAPES.items():
             print(f"\n### {name}\n")
