@@ -304,10 +304,9 @@ def eval_batches_total(n: int, ctx: DistContext) -> int:
 
 
 def devices_in_use(ctx: DistContext) -> int:
-    """Devices whose peak the MFU divides by: one GPU per rank; CPU ranks share a socket."""
-    if ctx.device.type == "cuda":
-        return ctx.world_size
-    return max(ctx.world_size // max(ctx.local_world_size, 1), 1)
+    """How many times the per-process peak the job's MFU divides by: every rank brings its own
+    (its GPU; on CPU, the calibrated peak of one process at its thread count)."""
+    return ctx.world_size
 
 
 def local_model(model: torch.nn.Module, build, ctx: DistContext):
