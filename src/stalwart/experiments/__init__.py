@@ -14,6 +14,13 @@ from pathlib import Path
 # NAME -> module path (a plain dict: no registry magic)
 EXPERIMENTS: dict[str, str] = {
     "optimizers": "stalwart.experiments.optimizers",
+    "schedule": "stalwart.experiments.schedule",
+    "precision": "stalwart.experiments.precision",
+    "fp16-no-scaler": "stalwart.experiments.fp16_no_scaler",
+    "high-lr": "stalwart.experiments.high_lr",
+    "memory-table": "stalwart.experiments.memory_table",
+    "activation-checkpointing": "stalwart.experiments.activation_checkpointing",
+    "accumulation": "stalwart.experiments.accumulation",
 }
 
 
