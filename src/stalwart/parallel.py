@@ -7,7 +7,7 @@ environment (torchrun sets them). The global batch of a step is
 (`train.grad_accum` is per process), and data.BatchLoader splits the same global batch whatever
 the world size, so 1 process x accum 4 == 2 processes x accum 2 == 4 x 1 up to float rounding.
 
-What each mode keeps on every rank (P = parameter bytes, world size W):
+What each mode keeps on every rank (world size W):
     ddp    full weights, full gradients, full optimizer state; gradients all-reduced
     zero1  DDP + the optimizer state sharded: each rank updates 1/W of the parameters and
            broadcasts them (torch.distributed.optim.ZeroRedundancyOptimizer)
