@@ -64,3 +64,63 @@ def test_common_helpers(tmp_path, tiny_data):
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # bias-corrected EMA
     assert markdown_table(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
     assert command_line("optimizers", tmp_path, False, None).endswith(f"--out {tmp_path}")
+
+
+NEW = [
+    "schedule",
+    "precision",
+    "fp16-no-scaler",
+    "high-lr",
+    "memory-table",
+    "activation-checkpointing",
+    "accumulation",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NEW)
+def test_lesson_experiment_quick_writes_report_and_plots(name, tmp_path, tiny_data):
+    out = tmp_path / name
+    report = run_experiment(name, out, quick=True, data_dir=tiny_data)
+    text = report.read_text()
+    pngs = sorted(out.glob("*.png"))
+    assert pngs, "no plot written"
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert f"]({png.name})" in text  # the report shows it
+    assert f"stalwart experiment {name} --out {out} --quick" in text
+    assert "cpu:" in text and "## Conclusion" in text
+    # a table of measured numbers: rows whose cells hold digits
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) >= 2 and any(re.search(r"\| [\d.,]+\s*(%|x|MiB|KiB|GB)? \|", r) for r in rows)
+    if name in EXTRA_CHECKS:
+        EXTRA_CHECKS[name](out)
+
+
+def check_accumulation(out):
+    """4 x 4 accumulated == 16 x 1; debug.forget_accum_division makes the gradient 4x."""
+
+    def curve(run, key):
+        return [r[key] for r in read_metrics(out / "runs" / run / "metrics.jsonl") if key in r]
+
+    big, acc = curve("sgd_big", "train_loss"), curve("sgd_accum", "train_loss")
+    assert len(big) == len(acc) == 8 and max(abs(a - b) for a, b in zip(big, acc)) < 1e-4
+    # the same weights at step 1, a gradient grad_accum times larger
+    forgot, right = curve("sgd_forgot", "grad_norm")[0], curve("sgd_accum", "grad_norm")[0]
+    assert forgot == pytest.approx(4 * right, rel=1e-4)
+
+
+def check_fp16(out):
+    """train.grad_scaler reached the loop: only the scaled fp16 run checkpoints a live scaler."""
+    from stalwart.checkpoint import read_checkpoint
+
+    def scaler_state(run):
+        (last,) = sorted((out / "runs" / run / "checkpoints").glob("step_*"))[-1:]
+        return read_checkpoint(last)[1]["scaler"]
+
+    assert scaler_state("fp16_no_scaler") == {} and "scale" in scaler_state("fp16_GradScaler")
+    text = (out / "report.md").read_text()
+    assert "| `fp16, no scaler` |" in text and "| `fp16 + GradScaler` |" in text
+
+
+EXTRA_CHECKS = {"accumulation": check_accumulation, "fp16-no-scaler": check_fp16}
