@@ -80,7 +80,7 @@ def lesson_rows() -> tuple[list[list[str]], dict]:
 def plot(plans: dict, measured: dict, path: Path) -> Path:
     fig, (ax_c, ax_m) = new_figure(ncols=2)
     names = list(plans)
-    kinds = ["weights", "gradients", "optimizer", "activations"]
+    kinds = ["weights", "gradients", "optimizer", "activations", "logits"]
     bottom = [0.0] * len(names)
     for i, kind in enumerate(kinds):
         vals = [plans[n].at_peak.get(kind, 0) / GB for n in names]
@@ -89,6 +89,7 @@ def plot(plans: dict, measured: dict, path: Path) -> Path:
     other = [plans[n].total_bytes / GB - b for n, b in zip(names, bottom)]
     ax_c.bar(range(len(names)), other, bottom=bottom, label="other (temporaries)", color="C7")
     ax_c.set_yscale("log")
+    ax_c.set_ylim(bottom=0.05)  # a log axis cannot start at 0: show the first segment
     ax_c.set_xticks(range(len(names)), [n.split(" (")[0] for n in names], fontsize=8)
     ax_c.set_title("predicted training peak, micro-batch 1, fp32 AdamW")
     ax_c.set_ylabel("GB (log scale)")
@@ -98,7 +99,7 @@ def plot(plans: dict, measured: dict, path: Path) -> Path:
     meas = [(measured[n][1] or 0) / 2**20 for n in ms]
     xs = range(len(ms))
     ax_m.bar([x - 0.2 for x in xs], pred, 0.4, label="predicted (planner)", color="C0")
-    ax_m.bar([x + 0.2 for x in xs], meas, 0.4, label="measured (bench)", color="C1")
+    ax_m.bar([x + 0.2 for x in xs], meas, 0.4, label="measured (allocator events)", color="C1")
     ax_m.set_xticks(list(xs), ms, fontsize=8)
     ax_m.set_title("one training step's peak on this CPU")
     ax_m.set_ylabel("MiB")

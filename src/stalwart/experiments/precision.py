@@ -115,11 +115,19 @@ def allocator_peak(ctx: Context, name: str, overrides: dict) -> int | None:
 def cpu_step_s(r: dict) -> float:
     """CPU time the process got per step, over its threads (from bench's mfu_by_cpu_time): unlike
     the wall clock it does not count time the scheduler gave other processes on a busy machine.
-    Falls back to the median wall-clock step time where the bench did not measure it."""
+    None where the bench could not measure it (no known peak FLOP/s for this dtype here)."""
     mfu_cpu, peak = r.get("mfu_by_cpu_time"), r.get("peak_flops")
     if not mfu_cpu or not peak:
-        return r["step_time_median_s"]
+        return None
     return r["flops_per_token"] * r["tokens_per_step"] / (mfu_cpu * peak)
+
+
+def step_cost(results: list[dict]) -> tuple[str, list[float]]:
+    """Per-step seconds to compare: CPU time where every result has it, else median wall."""
+    cpu = [cpu_step_s(r) for r in results]
+    if all(c is not None for c in cpu):
+        return "CPU time per step", cpu
+    return "median wall-clock step time", [r["step_time_median_s"] for r in results]
 
 
 def bars(ax, labels: list[str], values: list[float], title: str, ylabel: str, fmt: str) -> None:
@@ -155,19 +163,20 @@ def run(ctx: Context) -> Path:
         res[p]["peak_memory_bytes"] = allocator_peak(ctx, p, over)
     base = res["fp32"]
     rows = []
-    for p, r in res.items():
+    basis, cost = step_cost(list(res.values()))
+    for i, (p, r) in enumerate(res.items()):
         peak = r["peak_memory_bytes"]
         rows.append([
             f"`{p}`",
             f"{r['tokens_per_sec']:,.0f}",
             f"{r['step_time_median_s'] * 1e3:.0f}",
-            f"{cpu_step_s(r) * 1e3:.0f}",
-            f"{cpu_step_s(base) / cpu_step_s(r):.2f}x",
+            f"{cpu_step_s(r) * 1e3:.0f}" if cpu_step_s(r) else "n/a",
+            f"{cost[0] / cost[i]:.2f}x",
             fmt_bytes(peak) if peak else "not measured",
             f"{peak / base['peak_memory_bytes']:.2f}x" if peak and base["peak_memory_bytes"] else "-",
         ])
     headers = ["precision", "tokens/s", "step time, median wall (ms)", "CPU time per step (ms)",
-               "speed vs fp32 (CPU time)", "peak memory",
+               "speed vs fp32", "peak memory",
                "memory vs fp32"]
     m = base["config"].model
     device = base["device"]
@@ -175,12 +184,10 @@ def run(ctx: Context) -> Path:
             f"{m.block_size} tokens per step, on {device}"
     figure = plot(res, ctx.out / "precision.png", title)
     amx = cpu_has_bf16_units()
-    fastest = min(res, key=lambda p: cpu_step_s(res[p]))
+    fastest = list(res)[cost.index(min(cost))]
     lines = [
-        f"Speed (CPU time per step, robust to the machine's load): bf16 "
-        f"{cpu_step_s(base) / cpu_step_s(res['bf16']):.2f}x and fp16 "
-        f"{cpu_step_s(base) / cpu_step_s(res['fp16']):.2f}x fp32's; the fastest here is "
-        f"{fastest}.",
+        f"Speed (by {basis}): bf16 {cost[0] / cost[1]:.2f}x and fp16 {cost[0] / cost[2]:.2f}x "
+        f"fp32's; the fastest here is {fastest}.",
         ("This CPU has AMX tiles: 16-bit matmuls have fast kernels here." if amx else
          "This CPU has no AMX (AVX2 only): PyTorch has no fast bf16/fp16 matmul kernels for it, "
          "so autocast to 16 bits makes every matmul slower, not faster. The lesson's speed-up "
