@@ -72,7 +72,7 @@ def run(ctx: Context) -> Path:
                     "model.activation_checkpointing": mode}
             res[(b, mode)] = bench(ctx, f"mb{b}_{mode}", over, steps, warmup, memory=False)
             res[(b, mode)]["peak_memory_bytes"] = allocator_peak(ctx, f"mb{b}_{mode}", over)
-    rows, lines = [], []
+    rows, lines, faster = [], [], False
     for b in batches:
         off, on = res[(b, "none")], res[(b, "full")]
         for mode, r in ((m, res[(b, m)]) for m in MODES):
@@ -94,17 +94,28 @@ def run(ctx: Context) -> Path:
         basis, (t_off, t_on) = step_cost([off, on])
         slower = t_on / t_off - 1
         wall = on["step_time_median_s"] / off["step_time_median_s"] - 1
+        extra = on["hardware_flops_per_token"] / off["hardware_flops_per_token"] - 1
         lines.append(
             f"Micro-batch {b}: {mem_txt}; {basis} {slower:+.0%} "
-            f"(wall clock {wall:+.0%}, noisier under load)."
+            f"(wall clock {wall:+.0%}, noisier under load), for {extra:+.0%} hardware FLOPs "
+            "per token (the recomputed forward)."
+        )
+        faster = faster or slower < 0
+    if faster:
+        lines.append(
+            "The checkpointed step measured *faster* here although it computes more: on this "
+            "CPU every large tensor is a fresh mmap (page faults, zeroed pages, expensive in "
+            "this sandbox), and checkpointing allocates far fewer activation bytes per step. "
+            "Single runs on a loaded machine; on a GPU (a caching allocator) expect the "
+            "FLOPs' cost instead."
         )
     lines.append(
-        "Is it worth it? Only when memory is what stops you: it buys a larger micro-batch (or "
+        "Is it worth it? When memory is what stops you: it buys a larger micro-batch (or "
         "a model that fits at all) for roughly one extra forward per step (the lesson's ~30%). "
         "The saving grows with micro-batch x sequence length, because that is what the "
-        "activations scale with; at a small micro-batch weights, gradients and optimizer state "
-        "dominate the peak and checkpointing saves little. Where the batch already fits, it "
-        "only costs time. Timings were taken on a shared, loaded machine: single runs, noisy."
+        "activations scale with (table); where weights, gradients and optimizer state dominate "
+        "the peak it saves little, and where the batch already fits it only costs compute. "
+        "Timings were taken on a shared, loaded machine: single runs, noisy."
     )
     if ctx.quick:
         lines.insert(0, "**--quick run: too short to support any conclusion; smoke test only.**")
