@@ -16,6 +16,7 @@ import torch
 from stalwart.errors import UserError
 from stalwart.peakmem import (  # noqa: F401  (re-exported: stalwart.memory is the interface)
     PeakMemory,
+    _proc_status_bytes,
     enable_exact_cpu_peak,
     heap_free_bytes,
     live_tensor_bytes,

@@ -21,7 +21,8 @@ CATEGORIES = (
     "optimizer",
     "activations",  # saved for backward (or kept by checkpointing, and recomputed)
     "logits",  # logits, the fp32 log-softmax and their gradients
-    "temporaries",  # gradients of activations, gathered FSDP shards, other short-lived buffers
+    "temporaries",  # gradients of activations, other short-lived buffers
+    "fsdp_gathered",  # FSDP: the all-gathered (unsharded) parameters of the running units
     "batch",  # the step's input/target token ids
 )
 
@@ -145,11 +146,14 @@ def _param_grad(tl: Timeline, s: Step, n: int, first: bool) -> None:
 
     Under autocast the matmul yields it in 16 bits and the cast's backward makes the fp32 copy.
     The first micro-batch's gradient is kept (stolen, no copy); later ones are added in place.
-    ZeRO-2/3 reduce-scatter it and keep this rank's 1/world share."""
+    ZeRO-2 reduce-scatters it at once and keeps this rank's 1/world share; FSDP keeps a unit's
+    unsharded gradients until the unit's backward ends (`_reduce_scatter`)."""
     if s.amp:
         tl.alloc("temporaries", n * s.lp)
     keep = n * 4 if s.zero < 2 else n * 4 // s.world
-    if first:
+    if _fsdp(s):
+        tl.alloc("gradients", n * 4)
+    elif first:
         tl.alloc("gradients", n * 4)
         tl.free("gradients", n * 4 - keep)
     else:
@@ -158,11 +162,36 @@ def _param_grad(tl: Timeline, s: Step, n: int, first: bool) -> None:
         tl.free("temporaries", n * s.lp)
 
 
+def _fsdp(s: Step) -> bool:
+    return s.zero == 3 and s.world > 1
+
+
 def _gather(tl: Timeline, s: Step, elems: int, on: bool) -> None:
-    """FSDP / ZeRO-3 all-gathers a unit's full parameters (16-bit under a mixed-precision
-    policy) into a fresh buffer around its forward and its backward."""
-    if s.zero == 3 and s.world > 1:
-        (tl.alloc if on else tl.free)("temporaries", elems * s.lp)
+    """FSDP2 unshards a unit (16-bit under a mixed-precision policy): all-gather into one flat
+    buffer, copy out into the parameters' own unsharded tensors, free the flat buffer; and
+    frees those tensors again when the unit reshards."""
+    if not _fsdp(s):
+        return
+    if on:
+        tl.alloc("temporaries", elems * s.lp)  # all-gather output
+        tl.alloc("fsdp_gathered", elems * s.lp)
+        tl.free("temporaries", elems * s.lp)
+    else:
+        tl.free("fsdp_gathered", elems * s.lp)
+
+
+def _reduce_scatter(tl: Timeline, s: Step, elems: int, first: bool) -> None:
+    """FSDP2's post-backward: the unit's unsharded gradients are copied into one flat fp32
+    reduce-scatter input and freed; this rank's 1/world comes out (added in on later
+    micro-batches)."""
+    if not _fsdp(s):
+        return
+    tl.alloc("temporaries", elems * 4)
+    tl.free("gradients", elems * 4)
+    tl.alloc("gradients", elems * 4 // s.world)
+    if not first:
+        tl.free("gradients", elems * 4 // s.world)
+    tl.free("temporaries", elems * 4)
 
 
 def _root_elems(s: Step) -> int:
@@ -272,7 +301,6 @@ def _block_backward(tl: Timeline, s: Step, kind: str, first: bool) -> None:
     throughout, and each branch's layer-norm gradient is added into it in place."""
     N, C, lp = s.N, s.C, s.lp
     item = {n: b for n, b, _ in saved_items(s)}
-    _gather(tl, s, sum(block_params(C, s.bias)), True)
     _recompute(tl, s, kind)
     for branch in ("mlp", "attn"):
         if s.p_drop > 0:  # d (dropout input)
@@ -302,7 +330,6 @@ def _block_backward(tl: Timeline, s: Step, kind: str, first: bool) -> None:
         tl.free("temporaries", N * C * 4)  # added into the residual gradient in place
     if kind == "selective":
         tl.free("activations", N * C * lp)
-    _gather(tl, s, sum(block_params(C, s.bias)), False)
 
 
 def _attention_backward(tl: Timeline, s: Step, item: dict[str, int]) -> None:
@@ -350,10 +377,17 @@ def replay(s: Step) -> Timeline:
         _gather(tl, s, _root_elems(s), True)
         _forward(tl, s)
         _head_backward(tl, s, first)
+        bp = sum(block_params(s.C, s.bias))
+        _gather(tl, s, bp, True)  # FSDP: the last block, unsharded again for its backward
         for i in reversed(range(s.L)):
             tl.phase = f"backward: block {i}"
+            if i > 0:
+                _gather(tl, s, bp, True)  # FSDP2 prefetches the next unit's all-gather
             _block_backward(tl, s, s.ckpt[i], first)
+            _reduce_scatter(tl, s, bp, first)
+            _gather(tl, s, bp, False)
         _embedding_backward(tl, s, first)
+        _reduce_scatter(tl, s, _root_elems(s), first)  # the root unit's post-backward
         _gather(tl, s, _root_elems(s), False)
     tl.phase = "optimizer step"
     tl.spike("temporaries", 0)
