@@ -29,10 +29,10 @@ the activations of one sequence (micro-batch 1) at full context; "+ ckpt" checkp
 block. Inference is the bf16 weights alone, as in the lesson (the KV cache for one full-context
 sequence is shown separately). Where the numbers differ from the lesson's:
 - Training: the lesson's column is 16 bytes/parameter (its "activations excluded"), except GPT-2
-  small, whose 3.5 GB includes activations as ours do. Ours add one sequence's activations,
-  which are large next to the weights for small models: the logits and the fp32 log-softmax
-  over a 50257-word vocabulary alone are 3 x 1024 x 50257 x 4 bytes = 0.6 GB at the start of
-  backward.
+  small: 3.5 GB is more than 16 x 124M = 2.0 GB, so it must count some activations, as ours do.
+  Ours add one sequence's activations, which are large next to the weights for small models:
+  the fp32 log-softmax over a 50257-word vocabulary and the two gradients backward starts with
+  are 3 x 1024 x 50257 x 4 bytes = 0.6 GB on their own.
 - With checkpointing: the lesson's column is ~0.72 x its training column. Checkpointing only
   shrinks activations; weights, gradients and optimizer state (16 bytes/parameter) stay, so with
   one sequence the saving is the activations minus one block's recomputation, and the 16
