@@ -87,7 +87,7 @@ def live_tensor_bytes() -> int:
     seen: dict[int, int] = {}
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":
-            for t in (obj, obj.grad if obj.requires_grad else None):
+            for t in (obj, obj.grad if obj.requires_grad and obj.is_leaf else None):
                 if t is not None and t.layout == torch.strided:
                     s = t.untyped_storage()
                     try:
