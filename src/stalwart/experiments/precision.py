@@ -68,7 +68,7 @@ class _AllocatorPeak:
     allocator events. Peak = every tensor held when the step starts (`live_tensor_bytes`:
     weights, last step's gradients, optimizer state) + the highest running sum of the step's
     allocations and frees: what torch.cuda.max_memory_allocated means, on a CPU. (The bench's
-    RSS-based CPU peak read ~weights + state only on this machine, missing the activations.)"""
+    RSS-based CPU peak read ~weights + state only here until 18719ee: an independent measure.)"""
 
     def __init__(self):
         self.prof, self.baseline, self.peak = None, 0, None
