@@ -112,14 +112,17 @@ def _allocator_peak(cfg, B: int) -> int:
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.model.vocab_size)
     opt = build_optimizer(cfg.optim, model)
-    prec = build_precision("fp32", torch.device("cpu"))
-    T = cfg.model.block_size
+    prec = build_precision(cfg.train.precision, torch.device("cpu"))
+    T, accum = cfg.model.block_size, cfg.train.grad_accum
 
     def step():
-        rows = torch.randint(0, cfg.model.vocab_size, (B, T + 1))
-        forward_backward(model, [(rows[:, :-1], rows[:, 1:])], prec, 1, CPU)
+        rows = torch.randint(0, cfg.model.vocab_size, (B * accum, T + 1))
+        batches = [(r[:, :-1], r[:, 1:]) for r in rows.split(B)]
+        forward_backward(model, batches, prec, accum, CPU)
+        prec.scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        prec.scaler.step(opt)
+        prec.scaler.update()
 
     step()
     opt.zero_grad(set_to_none=True)
@@ -142,6 +145,24 @@ def test_planned_peak_matches_the_allocator(ckpt):
                  "--model.activation_checkpointing", ckpt)
     measured = _allocator_peak(cfg, B=8)
     predicted = training_memory(cfg, micro_batch=8).total_bytes
+    assert predicted == pytest.approx(measured, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--train.precision", "bf16"],
+        ["--train.precision", "bf16", "--model.activation_checkpointing", "selective"],
+        ["--train.precision", "fp16", "--model.activation_checkpointing", "full"],
+        ["--train.grad_accum", "2", "--model.dropout", "0.1", "--model.bias", "false"],
+    ],
+)
+def test_planned_peak_matches_the_allocator_amp_accum_dropout(extra):
+    """16-bit autocast (on CPU: slow, so tiny), accumulation, dropout, no biases."""
+    cfg = cfg_of(*ONE_LAYER, "--model.n_layer", "2", "--model.n_embd", "32",
+                 "--model.block_size", "32", "--model.vocab_size", "128", *extra)
+    measured = _allocator_peak(cfg, B=4)
+    predicted = training_memory(cfg, micro_batch=4).total_bytes
     assert predicted == pytest.approx(measured, rel=0.02)
 
 
