@@ -3,7 +3,7 @@
 `PeakMemory` measures (CUDA: the caching allocator's counters; CPU: the kernel's resident-set
 high-water mark; it lives in stalwart.peakmem and is re-exported here). `training_memory(cfg)` predicts the same figure without building anything: it
 replays one training step of the GPT-2 block as a timeline of allocations and frees (see
-`stalwart.memsim`) and reports the highest point, with what was held there. `inference_memory`,
+`stalwart.memsim` and `stalwart.memreplay`) and reports the highest point, with what was held there. `inference_memory`,
 `largest_micro_batch`, `auto_micro_batch` and `check_fits` are built on it.
 """
 
@@ -103,7 +103,7 @@ def training_memory(
     zero: 0 = plain data parallel (DDP), 1 = optimizer state sharded, 2 = + gradients,
     3 = + weights (FSDP / ZeRO-3). precision: fp32 | bf16 | fp16 (autocast over fp32 weights).
     """
-    from stalwart import memsim
+    from stalwart import memreplay, memsim
     from stalwart.optim import optimizer_state_bytes_for
 
     dev = device_type or _device_type(cfg)
@@ -137,7 +137,7 @@ def training_memory(
         grad_accum=int(grad_accum or cfg.train.grad_accum),
         opt_state_bytes=optimizer_state_bytes_for(cfg.optim, m, vocab, bytes_per_elem=4),
     )
-    tl = memsim.replay(step)
+    tl = memreplay.replay(step)
     return MemoryPlan(
         total_bytes=tl.peak,
         components=dict(tl.most),
