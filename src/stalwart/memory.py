@@ -1,9 +1,10 @@
 """Memory: measure the peak a training step holds, and predict it from the config alone.
 
 `PeakMemory` measures (CUDA: the caching allocator's counters; CPU: the kernel's resident-set
-high-water mark; it lives in stalwart.peakmem and is re-exported here). `training_memory(cfg)` predicts the same figure without building anything: it
-replays one training step of the GPT-2 block as a timeline of allocations and frees (see
-`stalwart.memsim` and `stalwart.memreplay`) and reports the highest point, with what was held there. `inference_memory`,
+high-water mark; it lives in stalwart.peakmem and is re-exported here). `training_memory(cfg)`
+predicts the same figure without building anything: it replays one training step of the GPT-2
+block as a timeline of allocations and frees (stalwart.memsim: what is kept; stalwart.memreplay:
+the replay) and reports the highest point, with what was held there. `inference_memory`,
 `largest_micro_batch`, `auto_micro_batch` and `check_fits` are built on it.
 """
 
