@@ -119,7 +119,8 @@ def saved_items(s: Step) -> list[tuple[str, int, str]]:
         items += [("qkv_copies", 3 * N * C * 4, "matmul"), ("att_probs", 2 * att * 4, "matmul")]
         items += [("att_mask", att * 4, "pointwise"), ("att_out", N * C * lp, "matmul")]
     else:
-        items += [("qkv", 3 * N * C * lp, "matmul"), ("att_out", N * C * lp + N * s.h * 4, "matmul")]
+        items += [("qkv", 3 * N * C * lp, "matmul")]
+        items += [("att_out", N * C * lp + N * s.h * 4, "matmul")]  # + logsumexp (fp32)
     if s.p_drop > 0:
         items.append(("drop1", N * C * s.mask, "pointwise"))
     items += [("x_mid", N * C * 4, "pointwise"), ("ln2", N * 8 + N * C * lp, "pointwise")]

@@ -115,8 +115,8 @@ class PeakMemory:
     /proc/self/clear_refs. This is exact (it agrees with the profiler's allocator timeline to
     ~0.1%) only if `enable_exact_cpu_peak()` ran before the model was built: otherwise glibc
     reuses freed memory unseen and the figure can be off by hundreds of MB either way (`exact`
-    is then False, and a warning says so). It counts all memory, so a library's first-call scratch shows up too:
-    warm up with a step first. Linux only.
+    is then False, and a warning says so). It counts all memory, so a library's first-call
+    scratch shows up too: warm up with a step first. Linux only.
     """
 
     def __init__(self, device: torch.device | str = "cpu", baseline_bytes: int | None = None):
