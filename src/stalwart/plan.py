@@ -14,6 +14,7 @@ import torch
 from stalwart.errors import UserError
 from stalwart.hardware import DEVICE_MEMORY
 from stalwart.memory import (
+    AUTO_MAX_MICRO_BATCH,
     HEADROOM,
     gb,
     inference_memory,
@@ -109,11 +110,13 @@ def build_report(cfg, world: int, zero: int, device: str, headroom: float, targe
     vocab = resolve_vocab(cfg)
     dev_type = "cpu" if device.lower() == "cpu" else "cuda"
     kw = {"world_size": world, "zero": zero, "vocab_size": vocab, "device_type": dev_type}
-    micro = cfg.train.micro_batch if cfg.train.micro_batch != "auto" else 1
-    plan = training_memory(cfg, micro_batch=micro, **kw)
     label, budget = named_budget(device)
     usable = int(budget * (1 - headroom))
     largest = largest_micro_batch(cfg, usable, **kw)
+    micro = cfg.train.micro_batch
+    if micro == "auto":  # what train would pick on this device (memory.auto_micro_batch)
+        micro = min(1 << (largest.bit_length() - 1), AUTO_MAX_MICRO_BATCH) if largest else 1
+    plan = training_memory(cfg, micro_batch=micro, **kw)
     T = cfg.model.block_size
     target = target or int(micro) * cfg.train.grad_accum * world * T
     out = plan.to_json()
