@@ -200,3 +200,26 @@ def test_nonfinite_step_never_reaches_the_weights(tmp_path, tiny_data):
     assert any(r.get("event") == "diagnosis" and r["step"] == 5 for r in records)
     assert [r for r in records if r.get("step") == 5 and "train_loss" in r][0]["skipped"]
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+@pytest.mark.slow
+def test_gpt2_124m_recipe_plans_and_runs_at_reduced_batch(tmp_path, tiny_data):
+    """The GPT-2 small recipe at full shape (124M parameters), a reduced batch of 1 x 128
+    tokens, 3 steps on the CPU: it loads, plans, trains and checkpoints."""
+    from stalwart.config import load_config
+    from stalwart.memory import training_memory
+
+    args = ["--run.dir", str(tmp_path / "run"), "--data.dir", str(tiny_data),
+            "--model.block_size", "128", "--train.micro_batch", "1", "--train.grad_accum", "1",
+            "--train.max_steps", "3", "--schedule.warmup_steps", "1", "--train.compile", "false",
+            "--train.eval_interval", "0", "--train.eval_batches", "1", "--ckpt.interval", "0",
+            "--train.sample_tokens", "0", "--train.dashboard", "false", "--train.precision", "fp32",
+            "--train.log_interval", "1"]
+    cfg = load_config("configs/gpt2-124m.toml", args)
+    plan = training_memory(cfg)
+    assert plan.components["weights"] >= 120e6 * 4  # fp32 weights (wpe cut to 128 positions)
+    result = train(cfg, progress=False)
+    assert result.step == 3
+    assert sum(p.numel() for p in result.model.parameters()) > 120e6
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
