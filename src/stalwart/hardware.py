@@ -167,7 +167,8 @@ def _cache_path() -> Path:
     return root / "cpu_peak.json"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for records and cache keys."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -179,7 +180,7 @@ def _cpu_model() -> str:
 
 def cpu_cache_key() -> str:
     """Machine, CPU, core count, torch build (its BLAS) and the thread count in use."""
-    parts = (platform.node(), _cpu_model(), os.cpu_count(), torch.__version__)
+    parts = (platform.node(), cpu_model(), os.cpu_count(), torch.__version__)
     return "|".join(map(str, parts)) + f"|threads={torch.get_num_threads()}|v{CALIBRATION_VERSION}"
 
 
@@ -218,7 +219,7 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        return f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads)"
+        return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
     return device.type
 
 

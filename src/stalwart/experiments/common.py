@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from stalwart.config import Config, load_config
+from stalwart.hardware import cpu_model
 from stalwart.metrics import read_metrics
 
 DEFAULT_DATA = Path("data/stdlib-byte")
@@ -168,19 +169,9 @@ def fmt_bytes(n: int | float) -> str:
     return f"{int(n)} B"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict[str, str]:
     info = {
-        "cpu": f"{cpu_name()}, {os.cpu_count()} logical cores",
+        "cpu": f"{cpu_model()}, {os.cpu_count()} logical cores",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "os": f"{platform.system()} {platform.release()}",
