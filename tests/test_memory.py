@@ -111,6 +111,7 @@ def _allocator_peak(cfg, B: int) -> int:
     (started after zero_grad, so it sees every free) on top of weights + optimizer state."""
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.model.vocab_size)
+    model.set_fused_gelu(cfg.train.fused_gelu)
     opt = build_optimizer(cfg.optim, model)
     prec = build_precision(cfg.train.precision, torch.device("cpu"))
     T, accum = cfg.model.block_size, cfg.train.grad_accum
@@ -139,10 +140,11 @@ def _allocator_peak(cfg, B: int) -> int:
 
 
 @pytest.mark.parametrize("ckpt", ["none", "full", "selective", "every:2"])
-def test_planned_peak_matches_the_allocator(ckpt):
+@pytest.mark.parametrize("fused_gelu", ["false", "true"])
+def test_planned_peak_matches_the_allocator(ckpt, fused_gelu):
     cfg = cfg_of(*ONE_LAYER, "--model.n_layer", "3", "--model.n_embd", "64",
                  "--model.block_size", "64", "--model.vocab_size", "256",
-                 "--model.activation_checkpointing", ckpt)
+                 "--model.activation_checkpointing", ckpt, "--train.fused_gelu", fused_gelu)
     measured = _allocator_peak(cfg, B=8)
     predicted = training_memory(cfg, micro_batch=8).total_bytes
     assert predicted == pytest.approx(measured, rel=0.02)

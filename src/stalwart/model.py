@@ -18,6 +18,7 @@ from torch.utils.checkpoint import (
 )
 
 from stalwart.config import ModelConfig, parse_activation_checkpointing
+from stalwart.kernels import gelu_tanh
 
 # Selective activation checkpointing keeps what is expensive to recompute and cheap to store:
 # the outputs of the matmuls (the Linears' addmm/mm) and of attention (SDPA's output and
@@ -74,10 +75,11 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_proj = True
         self.dropout = nn.Dropout(cfg.dropout)
+        self.fused_gelu = False  # set by GPT.set_fused_gelu (train.fused_gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # tanh-approximate GELU: GPT-2's "gelu_new", so exported weights mean the same thing
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x), self.fused_gelu)))
 
 
 class Block(nn.Module):
@@ -143,6 +145,11 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             block.checkpointed = kind == "full" or (kind == "every" and i % every == 0)
             block.selective = kind == "selective"
+
+    def set_fused_gelu(self, on: bool) -> None:
+        """CPU fp32: GPT-2's GELU as compiled one-pass kernels (stalwart.kernels)."""
+        for block in self.transformer.h:
+            block.mlp.fused_gelu = on
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None

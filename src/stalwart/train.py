@@ -133,6 +133,7 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
     cfg.model.vocab_size = vocab
     micro = _micro_batch(cfg, ctx)
     raw_model = build_model(cfg.model, vocab).to(device)
+    raw_model.set_fused_gelu(cfg.train.fused_gelu)
     # init_from starts a run; a run that already has checkpoints resumes from its own weights
     # (the source may be gone by then)
     if cfg.run.init_from and not ck.step_dirs(run_dir / "checkpoints"):
