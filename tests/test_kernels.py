@@ -124,7 +124,11 @@ def test_without_a_cxx_compiler_it_falls_back_to_torch(tmp_path):
         "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
     }
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
