@@ -14,8 +14,9 @@ average before and after. Prints a markdown table for BENCHMARKS.md.
 Where a step's time goes, op by op, on ONE thread timed with `time.thread_time` (the CPU time
 of this thread: blind to other processes, so it is stable on a busy machine): the weight
 matmuls (forward and both backward matmuls at the model's shapes), attention (SDPA forward +
-backward), GELU and layer norm (forward + backward), against the calibrated one-thread peak.
-It shows the ceiling MFU the non-matmul work leaves, whatever the loop does.
+backward), GELU and layer norm (forward + backward; for GELU both torch's tanh kernel and the
+fused one of `train.fused_gelu`, the config's counted in the sum), against the calibrated
+one-thread peak. It shows the ceiling MFU the non-matmul work leaves, whatever the loop does.
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ import torch.nn.functional as F
 from stalwart.bench import run_bench
 from stalwart.config import load_config
 from stalwart.hardware import cpu_peak_flops, device_name
+from stalwart.kernels import gelu_tanh
 
 ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     "tiny-cpu (as configured)": [],
-    "4L x 256, T=256, micro 16": (
-        "--model.n_layer 4 --model.n_head 4 --model.n_embd 256 --model.block_size 256 "
-        "--train.micro_batch 16 --train.grad_accum 1"
+    "the same, as flags": (
+        "--model.n_layer 2 --model.n_head 4 --model.n_embd 384 --model.block_size 256 "
+        "--train.micro_batch 16 --train.grad_accum 1 --train.fused_gelu true"
     ).split(),
 }
 
@@ -87,11 +89,20 @@ def parts(cfg) -> None:
     rows.append(("attention (SDPA)", 12 * L * T * C * n, _best_cpu_time(attn) * L))
     g = torch.randn(n, 4 * C, requires_grad=True)
 
-    def gelu():
-        y = F.gelu(g, approximate="tanh")
+    def gelu(fused):
+        y = gelu_tanh(g, fused=fused)
         y.backward(torch.ones_like(y))
 
-    rows.append(("GELU (tanh)", 0, _best_cpu_time(gelu) * L))
+    # the config's GELU counts in the sum; the other one is shown beside it
+    fused = cfg.train.fused_gelu
+    t_torch, t_fused = (_best_cpu_time(lambda f=f: gelu(f)) * L for f in (False, True))
+    rows.append(
+        (
+            "GELU (fused, train.fused_gelu)" if fused else "GELU (torch tanh)",
+            0,
+            t_fused if fused else t_torch,
+        )
+    )
     ln, xl = torch.nn.LayerNorm(C), torch.randn(n, C, requires_grad=True)
 
     def norm():
@@ -107,6 +118,8 @@ def parts(cfg) -> None:
     for name, f, t in rows:
         rate = f"{f / t / 1e9:.1f} | {100 * f / t / peak:.0f}%" if f else "- | -"
         print(f"| {name} | {f / 1e9:.2f} | {t:.3f} | {100 * t / total_t:.1f}% | {rate} |")
+    other = ("GELU (torch tanh)", t_torch) if fused else ("GELU (fused)", t_fused)
+    print(f"| (not in the sum: {other[0]}) | 0 | {other[1]:.3f} | - | - | - |")
     print(
         f"| **sum** | {total_f / 1e9:.2f} | {total_t:.3f} | 100% | {total_f / total_t / 1e9:.1f} "
         f"| **{100 * total_f / total_t / peak:.1f}%** (MFU ceiling before optimizer, adds, loss) |"
