@@ -152,3 +152,13 @@ def test_compiled_model_checkpoints_and_resumes_as_the_plain_module(
         tiny_config(tmp_path, tiny_data, *args[:2], "--train.max_steps", "8"), progress=False
     )
     assert again.step == 8
+
+
+def test_compare_fused_gelu_runs_both_kernels(tiny_data, tmp_path):
+    cfg = tiny_config(tmp_path, tiny_data, "--train.precision", "fp32")
+    res = run_compare(cfg, "fused_gelu", steps=2, warmup=1, say=lambda m: None, memory=False)
+    rows = {r["variant"]: r for r in res["variants"]}
+    assert list(rows) == ["torch GELU", "fused GELU"]
+    assert all("error" not in r for r in rows.values())
+    assert rows["torch GELU"]["ratio"] == 1.0 and rows["fused GELU"]["ratio"] > 0
+    assert "fused GELU" in format_compare(res)

@@ -272,18 +272,23 @@ def compare_variants(what: str, cfg: Config, device: torch.device) -> list[tuple
         if cfg.model.n_layer >= 2:
             names.insert(2, "every:2")
         field = ("model", "activation_checkpointing")
-    elif what == "compile":
+    elif what in ("compile", "fused_gelu"):
         names = [False, True]
-        field = ("train", "compile")
+        field = ("train", what)
     else:
-        raise UserError(f"--compare {what}: choose precision, activation_checkpointing or compile")
+        raise UserError(
+            f"--compare {what}: choose precision, activation_checkpointing, compile or fused_gelu"
+        )
     variants = []
     for name in names:
         c = copy.deepcopy(cfg)
         setattr(getattr(c, field[0]), field[1], name)
         if what == "activation_checkpointing":
             parse_activation_checkpointing(name)
-        label = {False: "eager", True: "compiled"}.get(name, name) if what == "compile" else name
+        label = {
+            "compile": {False: "eager", True: "compiled"},
+            "fused_gelu": {False: "torch GELU", True: "fused GELU"},
+        }.get(what, {}).get(name, name)
         variants.append((str(label), c))
     return variants
 

@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object on stdout")
     s.add_argument(
         "--compare",
-        choices=["precision", "activation_checkpointing", "compile"],
+        choices=["precision", "activation_checkpointing", "compile", "fused_gelu"],
         help="run the variants of one setting in this process and print ratios",
     )
     s.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (= --train.peak_flops)")
