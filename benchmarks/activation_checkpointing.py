@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from memory_accuracy import SIZES, build, make_step  # noqa: E402
 
 
-def time_child(overrides: list[str], micro: int, variants: list[str], repeats: int,
-               threads: int) -> dict:
+def time_child(
+    overrides: list[str], micro: int, variants: list[str], repeats: int, threads: int
+) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -108,8 +109,12 @@ def main() -> None:
         times = time_of(overrides, micro, variants, a.repeats, a.threads)
         for v in variants:
             r = {} if a.time_only else memory_of(overrides, micro, v, 1)
-            r.update(micro_batch=micro, checkpointing=v, step_time_s=times[v]["median"],
-                     step_times_s=times[v]["all"])
+            r.update(
+                micro_batch=micro,
+                checkpointing=v,
+                step_time_s=times[v]["median"],
+                step_times_s=times[v]["all"],
+            )
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
     print(json.dumps(rows, indent=2) if a.json else table(rows))

@@ -42,9 +42,7 @@ def _run(run_dir: Path, data: Path, *overrides):
 
 def _symptoms(records, after_step: int = 0) -> list[str]:
     return [
-        r["symptom"]
-        for r in records
-        if r.get("event") == "diagnosis" and r["step"] > after_step
+        r["symptom"] for r in records if r.get("event") == "diagnosis" and r["step"] > after_step
     ]
 
 

@@ -51,6 +51,7 @@ def test_hand_counts_one_layer_16_wide():
     assert c["gradients"] == 4 * params
     assert c["optimizer"] == 2 * 4 * params == 31616  # exp_avg + exp_avg_sq, fp32
     f = 4  # every activation is fp32 here
+    # fmt: off
     saved = (
         N * 8  # targets.reshape(-1): a copy (int64)
         + T * 8  # position ids (int64)
@@ -64,6 +65,7 @@ def test_hand_counts_one_layer_16_wide():
         + N * C * f  # the block's output (ln_f input)
         + 2 * N * f + N * C * f  # ln_f mean, rstd, output (lm_head's input)
     )
+    # fmt: on
     assert c["activations"] == saved == 38208
     assert c["logits"] == 3 * N * V * f  # d log-softmax, d logits + the kept log-softmax
     assert plan.total_bytes == pytest.approx(sum(plan.at_peak.values()))
@@ -142,9 +144,21 @@ def _allocator_peak(cfg, B: int) -> int:
 @pytest.mark.parametrize("ckpt", ["none", "full", "selective", "every:2"])
 @pytest.mark.parametrize("fused_gelu", ["false", "true"])
 def test_planned_peak_matches_the_allocator(ckpt, fused_gelu):
-    cfg = cfg_of(*ONE_LAYER, "--model.n_layer", "3", "--model.n_embd", "64",
-                 "--model.block_size", "64", "--model.vocab_size", "256",
-                 "--model.activation_checkpointing", ckpt, "--train.fused_gelu", fused_gelu)
+    cfg = cfg_of(
+        *ONE_LAYER,
+        "--model.n_layer",
+        "3",
+        "--model.n_embd",
+        "64",
+        "--model.block_size",
+        "64",
+        "--model.vocab_size",
+        "256",
+        "--model.activation_checkpointing",
+        ckpt,
+        "--train.fused_gelu",
+        fused_gelu,
+    )
     measured = _allocator_peak(cfg, B=8)
     predicted = training_memory(cfg, micro_batch=8).total_bytes
     assert predicted == pytest.approx(measured, rel=0.02)
@@ -161,8 +175,18 @@ def test_planned_peak_matches_the_allocator(ckpt, fused_gelu):
 )
 def test_planned_peak_matches_the_allocator_amp_accum_dropout(extra):
     """16-bit autocast (on CPU: slow, so tiny), accumulation, dropout, no biases."""
-    cfg = cfg_of(*ONE_LAYER, "--model.n_layer", "2", "--model.n_embd", "32",
-                 "--model.block_size", "32", "--model.vocab_size", "128", *extra)
+    cfg = cfg_of(
+        *ONE_LAYER,
+        "--model.n_layer",
+        "2",
+        "--model.n_embd",
+        "32",
+        "--model.block_size",
+        "32",
+        "--model.vocab_size",
+        "128",
+        *extra,
+    )
     measured = _allocator_peak(cfg, B=4)
     predicted = training_memory(cfg, micro_batch=4).total_bytes
     assert predicted == pytest.approx(measured, rel=0.02)
@@ -186,8 +210,10 @@ def test_checkpointing_gives_identical_gradients(spec):
 
 def test_checkpointing_orders_memory():
     plans = {
-        k: training_memory(cfg_of("--model.vocab_size", "256", "--model.activation_checkpointing",
-                                  k), micro_batch=32).total_bytes
+        k: training_memory(
+            cfg_of("--model.vocab_size", "256", "--model.activation_checkpointing", k),
+            micro_batch=32,
+        ).total_bytes
         for k in ("none", "selective", "every:2", "full")
     }
     assert plans["none"] > plans["selective"] > plans["full"]
@@ -195,8 +221,18 @@ def test_checkpointing_orders_memory():
 
 
 def test_sharding_divides_the_state_per_rank():
-    cfg = cfg_of("--model.vocab_size", "50257", "--model.n_layer", "12", "--model.n_embd", "768",
-                 "--model.n_head", "12", "--model.block_size", "1024")
+    cfg = cfg_of(
+        "--model.vocab_size",
+        "50257",
+        "--model.n_layer",
+        "12",
+        "--model.n_embd",
+        "768",
+        "--model.n_head",
+        "12",
+        "--model.block_size",
+        "1024",
+    )
     one = training_memory(cfg, micro_batch=1)
     W = one.components["weights"]
     z = {k: training_memory(cfg, micro_batch=1, world_size=8, zero=k) for k in range(4)}
@@ -230,8 +266,16 @@ def test_auto_micro_batch_and_refusal():
     auto = auto_micro_batch(small, CPU)
     assert auto & (auto - 1) == 0 and 1 <= auto <= AUTO_MAX_MICRO_BATCH
     check_fits(small, 8, CPU)  # a few MB: fits anywhere
-    huge = cfg_of("--model.vocab_size", "50257", "--model.n_layer", "96",
-                  "--model.n_embd", "12288", "--model.n_head", "96")
+    huge = cfg_of(
+        "--model.vocab_size",
+        "50257",
+        "--model.n_layer",
+        "96",
+        "--model.n_embd",
+        "12288",
+        "--model.n_head",
+        "96",
+    )
     with pytest.raises(UserError, match="even at --train.micro_batch 1"):
         check_fits(huge, 1, CPU)
     with pytest.raises(UserError, match="even at --train.micro_batch 1"):
@@ -263,8 +307,14 @@ print(pm.baseline_bytes, pm.peak_bytes, pm.exact)
 
 def test_peak_memory_cpu_is_exact():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", MEASURE], capture_output=True, text=True,
-                         env=env, timeout=120, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    ).stdout.split()
     baseline, peak, exact = int(out[0]), int(out[1]), out[2] == "True"
     assert exact
     assert baseline >= 20_000_000 and baseline < 21_000_000  # + torch's own small tensors

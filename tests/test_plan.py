@@ -50,8 +50,7 @@ def test_lesson_table(capsys):
 
 @pytest.mark.slow
 def test_plan_reports_a_config_that_cannot_fit():
-    r = run_cli("plan", "--model.vocab_size", "50257", *HUGE, "--device", "A100-40GB",
-                timeout=120)
+    r = run_cli("plan", "--model.vocab_size", "50257", *HUGE, "--device", "A100-40GB", timeout=120)
     assert r.returncode == 0, r.stderr
     assert "DOES NOT FIT" in r.stdout and "not even micro-batch 1 fits" in r.stdout
 
@@ -59,8 +58,9 @@ def test_plan_reports_a_config_that_cannot_fit():
 @pytest.mark.slow
 def test_train_refuses_before_allocating(tiny_data, tmp_path):
     base = [*TINY, "--data.dir", tiny_data, "--run.device", "cpu", *BIG]
-    r = run_cli("train", *base, "--run.dir", tmp_path / "a", "--train.micro_batch", "4096",
-                timeout=120)
+    r = run_cli(
+        "train", *base, "--run.dir", tmp_path / "a", "--train.micro_batch", "4096", timeout=120
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
@@ -72,9 +72,25 @@ def test_train_refuses_before_allocating(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_train_micro_batch_auto_and_peak_in_metrics(tiny_data, tmp_path):
-    r = run_cli("train", *TINY, "--data.dir", tiny_data, "--run.dir", tmp_path, "--run.device",
-                "cpu", "--train.micro_batch", "auto", "--train.max_steps", "2",
-                "--schedule.warmup_steps", "1", "--train.eval_batches", "1", timeout=300)
+    r = run_cli(
+        "train",
+        *TINY,
+        "--data.dir",
+        tiny_data,
+        "--run.dir",
+        tmp_path,
+        "--run.device",
+        "cpu",
+        "--train.micro_batch",
+        "auto",
+        "--train.max_steps",
+        "2",
+        "--schedule.warmup_steps",
+        "1",
+        "--train.eval_batches",
+        "1",
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [rec for rec in records if "tokens_per_sec" in rec]

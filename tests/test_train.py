@@ -209,12 +209,38 @@ def test_gpt2_124m_recipe_plans_and_runs_at_reduced_batch(tmp_path, tiny_data):
     from stalwart.config import load_config
     from stalwart.memory import training_memory
 
-    args = ["--run.dir", str(tmp_path / "run"), "--data.dir", str(tiny_data),
-            "--model.block_size", "128", "--train.micro_batch", "1", "--train.grad_accum", "1",
-            "--train.max_steps", "3", "--schedule.warmup_steps", "1", "--train.compile", "false",
-            "--train.eval_interval", "0", "--train.eval_batches", "1", "--ckpt.interval", "0",
-            "--train.sample_tokens", "0", "--train.dashboard", "false", "--train.precision", "fp32",
-            "--train.log_interval", "1"]
+    args = [
+        "--run.dir",
+        str(tmp_path / "run"),
+        "--data.dir",
+        str(tiny_data),
+        "--model.block_size",
+        "128",
+        "--train.micro_batch",
+        "1",
+        "--train.grad_accum",
+        "1",
+        "--train.max_steps",
+        "3",
+        "--schedule.warmup_steps",
+        "1",
+        "--train.compile",
+        "false",
+        "--train.eval_interval",
+        "0",
+        "--train.eval_batches",
+        "1",
+        "--ckpt.interval",
+        "0",
+        "--train.sample_tokens",
+        "0",
+        "--train.dashboard",
+        "false",
+        "--train.precision",
+        "fp32",
+        "--train.log_interval",
+        "1",
+    ]
     cfg = load_config("configs/gpt2-124m.toml", args)
     plan = training_memory(cfg)
     assert plan.components["weights"] >= 120e6 * 4  # fp32 weights (wpe cut to 128 positions)

@@ -262,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="e.g. optimizers (see docs/)")
     s.add_argument("--out", help="results directory (default experiments/NAME)")
     s.add_argument("--quick", action="store_true", help="CI-sized smoke run (seconds)")
-    s.add_argument("--data", help="prepared dataset dir (default data/stdlib-byte, made if missing)")
+    s.add_argument(
+        "--data", help="prepared dataset dir (default data/stdlib-byte, made if missing)"
+    )
     s.set_defaults(fn=cmd_experiment)
     return p
 

@@ -136,7 +136,11 @@ class HealthMonitor:
             if frequent:
                 evidence += f"; {recent} spikes in the last {horizon} steps"
             d = diagnosis(
-                "loss_spike", step, evidence, severity="warning" if frequent else None, action=action
+                "loss_spike",
+                step,
+                evidence,
+                severity="warning" if frequent else None,
+                action=action,
             )
         v.action, v.since = action, self.trouble_since
         self._emit(v, d)
@@ -196,7 +200,9 @@ class HealthMonitor:
         evidence = f"{len(bad)} weight tensors hold NaN/Inf ({', '.join(bad[:3])}); not saved"
         stop = self.cfg.on_nan == "ignore" or not self.cfg.enabled
         self._forced = "stop" if stop else "rollback"
-        self._emit(self._pending, diagnosis("nonfinite_weights", step, evidence, action=self._forced))
+        self._emit(
+            self._pending, diagnosis("nonfinite_weights", step, evidence, action=self._forced)
+        )
         return False
 
     def take_pending(self) -> Verdict:

@@ -36,7 +36,6 @@ HEADROOM = 0.10
 AUTO_MAX_MICRO_BATCH = 256
 
 
-
 @dataclass
 class MemoryPlan:
     """A predicted training step. `total_bytes` is the peak; `components` the most each kind of
@@ -177,7 +176,11 @@ class InferencePlan:
 
 
 def inference_memory(
-    cfg, *, context: int | None = None, batch: int = 1, vocab_size: int | None = None,
+    cfg,
+    *,
+    context: int | None = None,
+    batch: int = 1,
+    vocab_size: int | None = None,
     bytes_per_elem: int = 2,
 ) -> InferencePlan:
     """bf16 weights + the KV cache for `context` tokens (default: block_size). Activations of

@@ -104,9 +104,7 @@ class Block(nn.Module):
         if self.checkpointed:  # keep only the block's input; recompute its insides in backward
             return checkpoint(self._forward, x, use_reentrant=False)
         if self.selective:  # keep matmul and attention outputs; recompute the element-wise ops
-            return checkpoint(
-                self._forward, x, use_reentrant=False, context_fn=_selective_contexts
-            )
+            return checkpoint(self._forward, x, use_reentrant=False, context_fn=_selective_contexts)
         return self._forward(x)
 
 

@@ -104,8 +104,15 @@ def resolve_vocab(cfg) -> int:
         ) from None
 
 
-def build_report(cfg, world: int, zero: int, device: str, headroom: float, target: int | None,
-                 context: int | None) -> dict:
+def build_report(
+    cfg,
+    world: int,
+    zero: int,
+    device: str,
+    headroom: float,
+    target: int | None,
+    context: int | None,
+) -> dict:
     """The whole answer as one JSON-able dict (`plan --json` prints it as is)."""
     vocab = resolve_vocab(cfg)
     dev_type = "cpu" if device.lower() == "cpu" else "cuda"

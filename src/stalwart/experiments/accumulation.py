@@ -196,4 +196,6 @@ divides each micro-batch loss by 1 instead of `grad_accum`).
 
 {conclusion(runs, ctx.quick)}
 """
-    return write_report(ctx, "Gradient accumulation: equal to a big batch, and the / accum bug", body)
+    return write_report(
+        ctx, "Gradient accumulation: equal to a big batch, and the / accum bug", body
+    )

@@ -35,8 +35,14 @@ def predicted(r: dict) -> int:
     from stalwart.memory import training_memory
 
     cfg = r["config"]
-    return int(training_memory(cfg, micro_batch=int(cfg.train.micro_batch), precision="fp32",
-                               vocab_size=r["model"]["vocab_size"]).total_bytes)
+    return int(
+        training_memory(
+            cfg,
+            micro_batch=int(cfg.train.micro_batch),
+            precision="fp32",
+            vocab_size=r["model"]["vocab_size"],
+        ).total_bytes
+    )
 
 
 def plot(res: dict, batches, path: Path, title: str) -> Path:
@@ -72,8 +78,12 @@ def run(ctx: Context) -> Path:
     for _ in range(1 if ctx.quick else ROUNDS_FULL):
         for b in batches:
             for mode in MODES:
-                over = {**COMMON, **size, "train.micro_batch": b,
-                        "model.activation_checkpointing": mode}
+                over = {
+                    **COMMON,
+                    **size,
+                    "train.micro_batch": b,
+                    "model.activation_checkpointing": mode,
+                }
                 r = bench(ctx, f"mb{b}_{mode}", over, steps, warmup, memory=False)
                 rounds.setdefault((b, mode), []).append(r)
                 if (b, mode) not in res:
@@ -90,19 +100,24 @@ def run(ctx: Context) -> Path:
         off, on = res[(b, "none")], res[(b, "full")]
         for mode, r in ((m, res[(b, m)]) for m in MODES):
             peak = r["peak_memory_bytes"]
-            rows.append([
-                str(b), f"`{mode}`",
-                fmt_bytes(peak) if peak else "not measured",
-                fmt_bytes(predicted(r)),
-                f"{r['step_time_median_s'] * 1e3:.0f}",
-                f"{cpu_step_s(r) * 1e3:.0f}" if cpu_step_s(r) else "n/a",
-                f"{r['tokens_per_sec']:,.0f}",
-                " / ".join(f"{t * 1e3:.0f}" for t in r["rounds"]),
-            ])
+            rows.append(
+                [
+                    str(b),
+                    f"`{mode}`",
+                    fmt_bytes(peak) if peak else "not measured",
+                    fmt_bytes(predicted(r)),
+                    f"{r['step_time_median_s'] * 1e3:.0f}",
+                    f"{cpu_step_s(r) * 1e3:.0f}" if cpu_step_s(r) else "n/a",
+                    f"{r['tokens_per_sec']:,.0f}",
+                    " / ".join(f"{t * 1e3:.0f}" for t in r["rounds"]),
+                ]
+            )
         if off["peak_memory_bytes"] and on["peak_memory_bytes"]:
             saved = 1 - on["peak_memory_bytes"] / off["peak_memory_bytes"]
-            mem_txt = f"peak memory {saved:.0%} lower ({fmt_bytes(off['peak_memory_bytes'])} -> " \
-                      f"{fmt_bytes(on['peak_memory_bytes'])})"
+            mem_txt = (
+                f"peak memory {saved:.0%} lower ({fmt_bytes(off['peak_memory_bytes'])} -> "
+                f"{fmt_bytes(on['peak_memory_bytes'])})"
+            )
         else:
             mem_txt = "peak memory not measured"
         basis, (t_off, t_on) = step_cost([off, on])
@@ -133,9 +148,16 @@ def run(ctx: Context) -> Path:
     )
     if ctx.quick:
         lines.insert(0, "**--quick run: too short to support any conclusion; smoke test only.**")
-    headers = ["micro-batch", "checkpointing", "peak memory, measured", "predicted (planner)",
-               "step time, median wall (ms)", "CPU time per step (ms)", "tokens/s",
-               "wall ms per round"]
+    headers = [
+        "micro-batch",
+        "checkpointing",
+        "peak memory, measured",
+        "predicted (planner)",
+        "step time, median wall (ms)",
+        "CPU time per step (ms)",
+        "tokens/s",
+        "wall ms per round",
+    ]
     m = res[(batches[0], "none")]["config"].model
     title = f"{m.n_layer}-layer {m.n_embd}-wide GPT, {m.block_size}-token sequences, fp32, CPU"
     figure = plot(res, batches, ctx.out / "activation_checkpointing.png", title)

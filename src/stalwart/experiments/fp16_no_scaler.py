@@ -90,8 +90,13 @@ def plot(runs: list[tuple[RunRecord, GradCensus]], path: Path, title: str) -> Pa
     for rec, census in runs:
         steps, loss = rec.curve("train_loss")
         (line,) = ax_loss.plot(steps, smooth(loss), label=rec.name, linewidth=1.5)
-        ax_zero.plot(range(1, len(census.zero) + 1), [100 * z for z in census.zero],
-                     label=rec.name, color=line.get_color(), linewidth=1.5)
+        ax_zero.plot(
+            range(1, len(census.zero) + 1),
+            [100 * z for z in census.zero],
+            label=rec.name,
+            color=line.get_color(),
+            linewidth=1.5,
+        )
     ax_loss.set_title("training loss (EMA 0.9)")
     ax_loss.set_ylabel("cross-entropy (nats/token)")
     ax_zero.set_title("gradient elements exactly zero at the update")
@@ -124,19 +129,28 @@ def run(ctx: Context) -> Path:
     for rec, c in runs:
         losses = rec.curve("train_loss")[1]
         skipped = sum(1 for r in rec.records if r.get("skipped"))
-        rows.append([
-            f"`{rec.name}`",
-            f"{100 * mean(c.zero):.3f}%",
-            f"{100 * max(c.zero):.3f}%",
-            f"{100 * mean(c.below):.3f}%",
-            f"{len(c.zero)} / {len(losses)}",
-            str(skipped),
-            f"{mean(losses[-10:]):.4f}",
-            f"{rec.final_val:.4f}",
-        ])
-    headers = ["run", "grad elements = 0 (mean over steps)", "max over steps",
-               "below 2^-24 (incl. 0)", "updates applied / steps", "steps skipped (doctor)",
-               "train loss, last 10 steps", "final val loss (nats/token)"]
+        rows.append(
+            [
+                f"`{rec.name}`",
+                f"{100 * mean(c.zero):.3f}%",
+                f"{100 * max(c.zero):.3f}%",
+                f"{100 * mean(c.below):.3f}%",
+                f"{len(c.zero)} / {len(losses)}",
+                str(skipped),
+                f"{mean(losses[-10:]):.4f}",
+                f"{rec.final_val:.4f}",
+            ]
+        )
+    headers = [
+        "run",
+        "grad elements = 0 (mean over steps)",
+        "max over steps",
+        "below 2^-24 (incl. 0)",
+        "updates applied / steps",
+        "steps skipped (doctor)",
+        "train loss, last 10 steps",
+        "final val loss (nats/token)",
+    ]
     (f32, c32), (nos, cno), (sc, csc) = runs
     lines = [
         f"Measured on the real gradients at each update: {100 * mean(c32.zero):.3f}% of the "
@@ -147,11 +161,13 @@ def run(ctx: Context) -> Path:
         f"Loss, mean of the last 10 steps: fp32 {mean(f32.curve('train_loss')[1][-10:]):.4f}, "
         f"fp16 no scaler {mean(nos.curve('train_loss')[1][-10:]):.4f}, fp16 + scaler "
         f"{mean(sc.curve('train_loss')[1][-10:]):.4f}.",
-        ("What this small model shows: the underflow is real (more zeros without the scaler "
-         "than in fp32) and the scaler removes it, but " if mean(cno.zero) > mean(c32.zero)
-         and mean(csc.zero) < mean(cno.zero) else
-         "This run did NOT show more zero gradients without the scaler than with it; and "
-         "in any case ")
+        (
+            "What this small model shows: the underflow is real (more zeros without the scaler "
+            "than in fp32) and the scaler removes it, but "
+            if mean(cno.zero) > mean(c32.zero) and mean(csc.zero) < mean(cno.zero)
+            else "This run did NOT show more zero gradients without the scaler than with it; and "
+            "in any case "
+        )
         + "the lost elements are the *smallest* gradients, so over a run this short the loss "
         "barely feels them. The lesson's instability (divergence, a loss that stalls) needs "
         "gradients that are small as a whole: deeper models, longer runs, lower loss, larger "

@@ -118,16 +118,22 @@ def run(ctx: Context) -> Path:
         f"Clipping frequency over the run: {clip_rate(lo, 1, n):.0%} at the default LR, "
         f"{clip_rate(hi, 1, n):.0%} at {HIGH_LR:g} "
         f"(last third: {clip_rate(lo, *thirds[2]):.0%} vs {clip_rate(hi, *thirds[2]):.0%}): "
-        + ("the higher LR clips more often, as the lesson says." if more else
-           "the same." if same else
-           "on this small model the higher LR clips LESS often, against the lesson's "
-           "expectation: it lowers the loss faster, and the gradient norm falls with the loss "
-           "(median pre-clip norm in the table)."),
-        "Higher still: " + "; ".join(
+        + (
+            "the higher LR clips more often, as the lesson says."
+            if more
+            else "the same."
+            if same
+            else "on this small model the higher LR clips LESS often, against the lesson's "
+            "expectation: it lowers the loss faster, and the gradient norm falls with the loss "
+            "(median pre-clip norm in the table)."
+        ),
+        "Higher still: "
+        + "; ".join(
             f"{r.name}: clipped {clip_rate(r, 1, n):.0%} of steps, median norm "
             f"{sorted(r.curve('grad_norm')[1])[n // 2]:.2f}, final val {r.final_val:.3f}"
             for r in runs[2:]
-        ) + ".",
+        )
+        + ".",
         "Final held-out loss: " + ", ".join(f"{r.name} {r.final_val:.3f}" for r in runs) + ".",
         "A clipped step is not a failed step: clipping caps the step's size, so a run that clips "
         "on most steps is really running at a smaller, norm-normalised LR than it asked for. "

@@ -34,27 +34,58 @@ LESSON = {
     "LLaMA-70B-sized": (80, 8192, 64, 2048, 32000, "140 GB", "~1.1 TB", "~800 GB"),
 }
 MEASURED_FULL = {
-    "2L-64w, mb 8": {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 2,
-                     "model.block_size": 64, "train.micro_batch": 8},
-    "4L-128w, mb 16": {"model.n_layer": 4, "model.n_embd": 128, "model.n_head": 4,
-                       "model.block_size": 128, "train.micro_batch": 16},
-    "4L-128w, mb 16, ckpt full": {"model.n_layer": 4, "model.n_embd": 128, "model.n_head": 4,
-                                  "model.block_size": 128, "train.micro_batch": 16,
-                                  "model.activation_checkpointing": "full"},
+    "2L-64w, mb 8": {
+        "model.n_layer": 2,
+        "model.n_embd": 64,
+        "model.n_head": 2,
+        "model.block_size": 64,
+        "train.micro_batch": 8,
+    },
+    "4L-128w, mb 16": {
+        "model.n_layer": 4,
+        "model.n_embd": 128,
+        "model.n_head": 4,
+        "model.block_size": 128,
+        "train.micro_batch": 16,
+    },
+    "4L-128w, mb 16, ckpt full": {
+        "model.n_layer": 4,
+        "model.n_embd": 128,
+        "model.n_head": 4,
+        "model.block_size": 128,
+        "train.micro_batch": 16,
+        "model.activation_checkpointing": "full",
+    },
 }
 MEASURED_QUICK = {
-    "1L-32w, mb 2": {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2,
-                     "model.block_size": 32, "train.micro_batch": 2},
+    "1L-32w, mb 2": {
+        "model.n_layer": 1,
+        "model.n_embd": 32,
+        "model.n_head": 2,
+        "model.block_size": 32,
+        "train.micro_batch": 2,
+    },
 }
 GB = 1e9
 
 
 def lesson_config(n_layer: int, n_embd: int, n_head: int, block: int, vocab: int, ckpt: str):
-    return load_config(None, to_flags({
-        "model.n_layer": n_layer, "model.n_embd": n_embd, "model.n_head": n_head,
-        "model.block_size": block, "model.vocab_size": vocab, "train.micro_batch": 1,
-        "train.precision": "fp32", "model.activation_checkpointing": ckpt, "run.device": "cpu",
-    }))
+    return load_config(
+        None,
+        to_flags(
+            {
+                "model.n_layer": n_layer,
+                "model.n_embd": n_embd,
+                "model.n_head": n_head,
+                "model.block_size": block,
+                "model.vocab_size": vocab,
+                "train.micro_batch": 1,
+                "train.precision": "fp32",
+                "model.activation_checkpointing": ckpt,
+                "run.device": "cpu",
+            }
+        ),
+    )
 
 
 def lesson_rows() -> tuple[list[list[str]], dict]:
@@ -66,14 +97,17 @@ def lesson_rows() -> tuple[list[list[str]], dict]:
         ckpt = training_memory(lesson_config(L, C, H, T, V, "full"), precision="fp32")
         inf = inference_memory(lesson_config(L, C, H, T, V, "none"))
         plans[name] = plan
-        rows.append([
-            name, f"{plan.params / 1e9:.2f}B" if plan.params >= 1e9 else f"{plan.params / 1e6:.0f}M",
-            f"{inf.weights_bytes / GB:.2f} GB ({l_inf})",
-            f"{plan.total_bytes / GB:.1f} GB ({l_train})",
-            f"{ckpt.total_bytes / GB:.1f} GB ({l_ckpt})",
-            f"{plan.total_bytes / plan.params:.1f}",
-            f"{plan.peak_phase} / {ckpt.peak_phase}",
-        ])
+        rows.append(
+            [
+                name,
+                f"{plan.params / 1e9:.2f}B" if plan.params >= 1e9 else f"{plan.params / 1e6:.0f}M",
+                f"{inf.weights_bytes / GB:.2f} GB ({l_inf})",
+                f"{plan.total_bytes / GB:.1f} GB ({l_train})",
+                f"{ckpt.total_bytes / GB:.1f} GB ({l_ckpt})",
+                f"{plan.total_bytes / plan.params:.1f}",
+                f"{plan.peak_phase} / {ckpt.peak_phase}",
+            ]
+        )
     return rows, plans
 
 
@@ -121,15 +155,22 @@ def run(ctx: Context) -> Path:
         pred = predicted(r)
         peak = allocator_peak(ctx, f"cfg{i}", over)
         measured[name] = (pred or 0, peak)
-        mrows.append([name, fmt_bytes(pred) if pred else "-",
-                      fmt_bytes(peak) if peak else "not measured",
-                      f"{pred / peak:.2f}" if pred and peak else "-"])
+        mrows.append(
+            [
+                name,
+                fmt_bytes(pred) if pred else "-",
+                fmt_bytes(peak) if peak else "not measured",
+                f"{pred / peak:.2f}" if pred and peak else "-",
+            ]
+        )
     figure = plot(plans, measured, ctx.out / "memory_table.png")
     ratios = [m[0] / m[1] for m in measured.values() if m[0] and m[1]]
     lines = [
-        "The planner's training peak at micro-batch 1 is " + ", ".join(
+        "The planner's training peak at micro-batch 1 is "
+        + ", ".join(
             f"{n.split(' (')[0]} {plans[n].total_bytes / plans[n].params:.1f}" for n in plans
-        ) + " bytes per parameter: 16 for fp32 weights + gradients + AdamW's two moments, plus "
+        )
+        + " bytes per parameter: 16 for fp32 weights + gradients + AdamW's two moments, plus "
         "the activations and temporaries of one sequence (a large share for small, wide-vocab "
         "models, whose logits alone are B x T x V floats).",
         "Full checkpointing lowers the micro-batch-1 peak only where activations set it: "
@@ -156,9 +197,20 @@ def run(ctx: Context) -> Path:
 Micro-batch 1, full context, fp32 weights + AdamW, `stalwart.memory.training_memory`; inference
 is bf16 weights (`inference_memory`, KV cache left out). The lesson's figures in parentheses.
 
-{markdown_table(["model", "params", "inference, bf16 weights", "training peak",
-                 "training + full checkpointing", "training bytes / param",
-                 "where the peak falls (none / full ckpt)"], rows)}
+{
+        markdown_table(
+            [
+                "model",
+                "params",
+                "inference, bf16 weights",
+                "training peak",
+                "training + full checkpointing",
+                "training bytes / param",
+                "where the peak falls (none / full ckpt)",
+            ],
+            rows,
+        )
+    }
 
 ## Predicted vs measured (this machine)
 

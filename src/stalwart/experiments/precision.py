@@ -84,7 +84,9 @@ class _AllocatorPeak:
             self.prof.__enter__()
         elif step == 2 and self.prof is not None:
             self.prof.__exit__(None, None, None)
-            events = [e for e in self.prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+            events = [
+                e for e in self.prof.profiler.kineto_results.events() if e.name() == "[memory]"
+            ]
             now = high = 0
             for e in sorted(events, key=lambda e: e.start_ns()):
                 now += e.nbytes()
@@ -96,9 +98,16 @@ def allocator_peak(ctx: Context, name: str, overrides: dict) -> int | None:
     """The peak tensor memory of one training step of this config (the real loop, 3 steps)."""
     from stalwart.train import train
 
-    fixed = {"train.max_steps": 3, "train.eval_interval": 0, "train.eval_batches": 1,
-             "train.sample_tokens": 0, "ckpt.interval": 0, "ckpt.keep_last": 1,
-             "train.log_interval": 1, "schedule.warmup_steps": 1}
+    fixed = {
+        "train.max_steps": 3,
+        "train.eval_interval": 0,
+        "train.eval_batches": 1,
+        "train.sample_tokens": 0,
+        "ckpt.interval": 0,
+        "ckpt.keep_last": 1,
+        "train.log_interval": 1,
+        "schedule.warmup_steps": 1,
+    }
     cfg = make_config(ctx, f"peak_{name}", {**BENCH_COMMON, **overrides, **fixed})
     probe = _AllocatorPeak()
     threads = torch.get_num_threads()
@@ -141,8 +150,14 @@ def bars(ax, labels: list[str], values: list[float], title: str, ylabel: str, fm
 def plot(res: dict[str, dict], path: Path, title: str) -> Path:
     fig, (ax_t, ax_m) = new_figure(ncols=2, width=5.0)
     names = list(res)
-    bars(ax_t, names, [res[n]["tokens_per_sec"] for n in names], "throughput",
-         "tokens/s (higher is better)", "{:,.0f}")
+    bars(
+        ax_t,
+        names,
+        [res[n]["tokens_per_sec"] for n in names],
+        "throughput",
+        "tokens/s (higher is better)",
+        "{:,.0f}",
+    )
     mem = [(res[n]["peak_memory_bytes"] or 0) / 2**20 for n in names]
     bars(ax_m, names, mem, "peak memory of one step", "MiB", "{:.1f}")
     for ax in (ax_t, ax_m):
@@ -180,32 +195,47 @@ def run(ctx: Context) -> Path:
     basis, cost = step_cost(list(res.values()))
     for i, (p, r) in enumerate(res.items()):
         peak = r["peak_memory_bytes"]
-        rows.append([
-            f"`{p}`",
-            f"{r['tokens_per_sec']:,.0f}",
-            f"{r['step_time_median_s'] * 1e3:.0f}",
-            f"{cpu_step_s(r) * 1e3:.0f}" if cpu_step_s(r) else "n/a",
-            f"{cost[0] / cost[i]:.2f}x",
-            fmt_bytes(peak) if peak else "not measured",
-            f"{peak / base['peak_memory_bytes']:.2f}x" if peak and base["peak_memory_bytes"] else "-",
-        ])
-    headers = ["precision", "tokens/s", "step time, median wall (ms)", "CPU time per step (ms)",
-               "speed vs fp32", "peak memory",
-               "memory vs fp32"]
+        rows.append(
+            [
+                f"`{p}`",
+                f"{r['tokens_per_sec']:,.0f}",
+                f"{r['step_time_median_s'] * 1e3:.0f}",
+                f"{cpu_step_s(r) * 1e3:.0f}" if cpu_step_s(r) else "n/a",
+                f"{cost[0] / cost[i]:.2f}x",
+                fmt_bytes(peak) if peak else "not measured",
+                f"{peak / base['peak_memory_bytes']:.2f}x"
+                if peak and base["peak_memory_bytes"]
+                else "-",
+            ]
+        )
+    headers = [
+        "precision",
+        "tokens/s",
+        "step time, median wall (ms)",
+        "CPU time per step (ms)",
+        "speed vs fp32",
+        "peak memory",
+        "memory vs fp32",
+    ]
     m = base["config"].model
     device = base["device"]
-    title = f"{m.n_layer}-layer {m.n_embd}-wide GPT, {size['train.micro_batch']} x " \
-            f"{m.block_size} tokens per step, on {device}"
+    title = (
+        f"{m.n_layer}-layer {m.n_embd}-wide GPT, {size['train.micro_batch']} x "
+        f"{m.block_size} tokens per step, on {device}"
+    )
     figure = plot(res, ctx.out / "precision.png", title)
     amx = cpu_has_bf16_units()
     fastest = list(res)[cost.index(min(cost))]
     lines = [
         f"Speed (by {basis}): bf16 {cost[0] / cost[1]:.2f}x and fp16 {cost[0] / cost[2]:.2f}x "
         f"fp32's; the fastest here is {fastest}.",
-        ("This CPU has AMX tiles: 16-bit matmuls have fast kernels here." if amx else
-         "This CPU has no AMX (AVX2 only): PyTorch has no fast bf16/fp16 matmul kernels for it, "
-         "so autocast to 16 bits makes every matmul slower, not faster. The lesson's speed-up "
-         "(up to ~2x and more with tensor cores) is a GPU result; this run cannot show it."),
+        (
+            "This CPU has AMX tiles: 16-bit matmuls have fast kernels here."
+            if amx
+            else "This CPU has no AMX (AVX2 only): PyTorch has no fast bf16/fp16 matmul kernels for it, "
+            "so autocast to 16 bits makes every matmul slower, not faster. The lesson's speed-up "
+            "(up to ~2x and more with tensor cores) is a GPU result; this run cannot show it."
+        ),
         _memory_conclusion(res),
     ]
     if ctx.quick:

@@ -119,8 +119,13 @@ def conclusion(runs: list[RunRecord], seed_vals: dict[str, list[float]], quick: 
         lines.append(
             f"`{name}` vs warmup 0, same seed: {mean_val(diffs):+.3f} nats/token (per seed "
             + " / ".join(f"{d:+.3f}" for d in diffs)
-            + ("; the same sign in every seed)" if agree and k > 1 else
-               "; signs differ across seeds: not evidence)" if k > 1 else ")")
+            + (
+                "; the same sign in every seed)"
+                if agree and k > 1
+                else "; signs differ across seeds: not evidence)"
+                if k > 1
+                else ")"
+            )
         )
     lines.append(
         f"Across seeds (different init and batches) one schedule's final loss spreads by up to "
