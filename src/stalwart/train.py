@@ -150,27 +150,7 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
     prec.scaler = parallel.wrap_scaler(prec.scaler, ctx)
     if cfg.train.compile:
         model = torch.compile(model)
-    loader = BatchLoader(
-        data.train,
-        cfg.model.block_size,
-        micro,
-        cfg.train.grad_accum,
-        cfg.run.seed,
-        ctx.rank,
-        ctx.world_size,
-        device,
-        cfg.debug.slow_data_ms,
-    )
-    val_batches = eval_batches(
-        data.val,
-        cfg.model.block_size,
-        micro,
-        parallel.eval_batches_total(cfg.train.eval_batches, ctx),
-        cfg.run.seed,
-        ctx.rank,
-        ctx.world_size,
-    )
-    probe_batch = eval_batches(data.val, cfg.model.block_size, micro, 1, cfg.run.seed)
+    loader, val_batches, probe_batch = _batches(cfg, data, micro, ctx)
     monitor = build_monitor(cfg.health, cfg.optim.grad_clip)
     loop = LoopState()
     display = Progress(cfg.train.max_steps, enabled=progress and ctx.is_main)
@@ -206,11 +186,9 @@ def train(cfg: Config, progress: bool = True, hooks: dict | None = None) -> RunR
     display._start_step = loop.step
 
     tokens_per_step = loader.global_batch * cfg.model.block_size
-    flops_per_step = flops_per_token(cfg.model, vocab) * tokens_per_step
-    hw_flops_per_step = hardware_flops_per_token(cfg.model, vocab) * tokens_per_step  # HFU
-    peak, peak_note = describe_peak(device, prec.name, cfg.train.peak_flops)
-    if peak:
-        peak *= parallel.devices_in_use(ctx)  # MFU of the whole job: every rank's device
+    flops_per_step, hw_flops_per_step, peak, peak_note = _mfu_terms(
+        cfg, vocab, tokens_per_step, prec, ctx
+    )
     if peak is None:
         say(f"MFU: n/a ({peak_note})")
     timer = StepTimer(device)  # tokens/s and where the step time goes, per log interval
@@ -383,3 +361,34 @@ def _micro_batch(cfg: Config, ctx) -> int:
 
     check_fits(cfg, int(cfg.train.micro_batch), ctx)  # refuse before allocating anything
     return int(cfg.train.micro_batch)
+
+
+def _batches(cfg: Config, data, micro: int, ctx) -> tuple[BatchLoader, list, list]:
+    """This rank's training loader, its share of the held-out batches, and the continuity
+    probe's batch (the same on every rank, so the probe does not depend on the world size)."""
+    block, seed = cfg.model.block_size, cfg.run.seed
+    loader = BatchLoader(
+        data.train,
+        block,
+        micro,
+        cfg.train.grad_accum,
+        seed,
+        ctx.rank,
+        ctx.world_size,
+        ctx.device,
+        cfg.debug.slow_data_ms,
+    )
+    n_val = parallel.eval_batches_total(cfg.train.eval_batches, ctx)
+    val = eval_batches(data.val, block, micro, n_val, seed, ctx.rank, ctx.world_size)
+    return loader, val, eval_batches(data.val, block, micro, 1, seed)
+
+
+def _mfu_terms(cfg: Config, vocab: int, tokens_per_step: int, prec, ctx):
+    """FLOPs per step for MFU (model) and HFU (with recomputation), and the peak of every
+    device the job uses (None, with a note, where the device's peak is unknown)."""
+    flops = flops_per_token(cfg.model, vocab) * tokens_per_step
+    hw_flops = hardware_flops_per_token(cfg.model, vocab) * tokens_per_step
+    peak, note = describe_peak(ctx.device, prec.name, cfg.train.peak_flops)
+    if peak:
+        peak *= parallel.devices_in_use(ctx)  # MFU of the whole job: every rank's device
+    return flops, hw_flops, peak, note
