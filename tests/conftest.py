@@ -89,3 +89,28 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None, cwd: Path
         env=full_env,
         cwd=cwd or ROOT,
     )
+
+
+class Crash(Exception):
+    """Raised from an `after_step` hook: a run that dies between two steps."""
+
+
+def crash_and_resume(tmp_path: Path, data_dir: Path, *overrides: str, crash_after: int = 13):
+    """Train the tiny config uninterrupted (`full/`), then again (`part/`) crashing after step
+    `crash_after` and resuming from its last checkpoint. Returns both runs' results."""
+    from stalwart.train import train
+
+    full = train(tiny_config(tmp_path / "full", data_dir, *overrides), progress=False)
+
+    def crash(step, record):
+        if step == crash_after:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(
+            tiny_config(tmp_path / "part", data_dir, *overrides),
+            progress=False,
+            hooks={"after_step": crash},
+        )
+    resumed = train(tiny_config(tmp_path / "part", data_dir, *overrides), progress=False)
+    return full, resumed

@@ -22,8 +22,7 @@ from stalwart.optim import (
     param_groups,
     state_tensors_per_param,
 )
-from stalwart.train import train
-from tests.conftest import tiny_config
+from tests.conftest import crash_and_resume
 from tests.test_model import tiny
 
 STEPS = 120
@@ -293,10 +292,6 @@ def test_muon_state_bytes_measured_equal_predicted():
 # Through the real loop: resume bit-exactly with the reference optimizers and with Muon
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize(
     "opt_args",
     [
@@ -308,19 +303,7 @@ class Crash(Exception):
 )
 def test_resume_continues_exactly(tmp_path, tiny_data, opt_args):
     """Crash after step 13 (checkpoint at 10), resume: bit-identical to one uninterrupted run."""
-    full = train(tiny_config(tmp_path / "full", tiny_data, *opt_args), progress=False)
-
-    def crash(step, record):
-        if step == 13:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train(
-            tiny_config(tmp_path / "part", tiny_data, *opt_args),
-            progress=False,
-            hooks={"after_step": crash},
-        )
-    resumed = train(tiny_config(tmp_path / "part", tiny_data, *opt_args), progress=False)
+    full, resumed = crash_and_resume(tmp_path, tiny_data, *opt_args)
 
     def losses(d):
         return [r["train_loss"] for r in read_metrics(d / "metrics.jsonl") if "train_loss" in r]

@@ -5,7 +5,7 @@ import torch
 
 from stalwart.metrics import read_metrics
 from stalwart.train import train
-from tests.conftest import tiny_config
+from tests.conftest import Crash, tiny_config
 
 TRAIN_FIELDS = {
     "step",
@@ -161,10 +161,6 @@ def test_mixed_precision_paths_run(tmp_path, tiny_data, precision):
 
 def mfu_is_null(records):
     return all(r["mfu"] is None for r in records if "mfu" in r)
-
-
-class Crash(Exception):
-    pass
 
 
 def test_resume_continues_exactly(tmp_path, tiny_data):
