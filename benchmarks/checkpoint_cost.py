@@ -30,14 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from stalwart import checkpoint as ck  # noqa: E402
 from stalwart import trainstate  # noqa: E402
-from stalwart.ckpt_manager import TrainParts, build_checkpoint_manager  # noqa: E402
+from stalwart.checkpoint import format as ck  # noqa: E402
+from stalwart.checkpoint.manager import TrainParts, build_checkpoint_manager  # noqa: E402
 from stalwart.config import load_config  # noqa: E402
-from stalwart.data import BatchLoader  # noqa: E402
-from stalwart.health import build_monitor, checkpoint_is_safe  # noqa: E402
-from stalwart.model import build_model  # noqa: E402
-from stalwart.optim import build_optimizer  # noqa: E402
+from stalwart.data.loader import BatchLoader  # noqa: E402
+from stalwart.health.monitor import build_monitor, checkpoint_is_safe  # noqa: E402
+from stalwart.model.gpt import build_model  # noqa: E402
+from stalwart.optim.build import build_optimizer  # noqa: E402
 from stalwart.precision import build_precision  # noqa: E402
 
 BYTE_VOCAB = 256  # tiny-cpu trains on the byte-level dataset (vocab_size 0 = the dataset's)

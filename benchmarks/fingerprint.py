@@ -75,7 +75,9 @@ def records(run_dir: Path) -> dict:
             events.append([r["event"], r.get("step")])
         else:
             keep = ("step", "train_loss", "grad_norm", "lr", "clipped", "tokens", "val_loss")
-            steps.append({k: r[k] for k in keep if k in r} | ({"skipped": 1} if "skipped" in r else {}))
+            steps.append(
+                {k: r[k] for k in keep if k in r} | ({"skipped": 1} if "skipped" in r else {})
+            )
     return {"steps": steps, "events": events}
 
 

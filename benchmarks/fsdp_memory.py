@@ -48,7 +48,7 @@ MEASURED_STEP = 3  # step 1 allocates the optimizer state; 4 is the last (it sav
 
 def worker(out_dir: Path, overrides: list[str]) -> None:
     """One rank: the loop with a PeakMemory held over step MEASURED_STEP; writes rankR.json."""
-    from stalwart.memory import PeakMemory, enable_exact_cpu_peak
+    from stalwart.memory.planner import PeakMemory, enable_exact_cpu_peak
 
     enable_exact_cpu_peak()  # before anything is allocated: see stalwart.memory
     from stalwart.config import load_config
@@ -88,9 +88,9 @@ def ddp_constructor_bytes(cfg) -> int:
     import gc
 
     from stalwart import parallel
-    from stalwart.data import open_dataset
-    from stalwart.memory import _proc_status_bytes
-    from stalwart.model import build_model
+    from stalwart.data.loader import open_dataset
+    from stalwart.memory.planner import _proc_status_bytes
+    from stalwart.model.gpt import build_model
 
     ctx = parallel.init(cfg.parallel, "cpu")  # train() will find the group ready
     vocab = cfg.model.vocab_size or int(open_dataset(cfg.data.dir).meta["vocab_size"])
@@ -105,8 +105,8 @@ def ddp_constructor_bytes(cfg) -> int:
 
 def predicted(overrides: list[str], mode: str, world: int) -> dict:
     from stalwart.config import load_config
-    from stalwart.data import open_dataset
-    from stalwart.memory import training_memory
+    from stalwart.data.loader import open_dataset
+    from stalwart.memory.planner import training_memory
 
     cfg = load_config(None, overrides)
     vocab = cfg.model.vocab_size or int(open_dataset(cfg.data.dir).meta["vocab_size"])

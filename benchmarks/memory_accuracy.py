@@ -39,8 +39,8 @@ def build(overrides: list[str]):
     import torch
 
     from stalwart.config import load_config
-    from stalwart.model import build_model
-    from stalwart.optim import build_optimizer
+    from stalwart.model.gpt import build_model
+    from stalwart.optim.build import build_optimizer
     from stalwart.precision import build_precision
 
     cfg = load_config(None, ["--model.vocab_size", str(VOCAB), "--run.device", "cpu", *overrides])
@@ -94,12 +94,12 @@ def profiler_peak(step, model, opt) -> int:
 
 
 def child(overrides: list[str], micro: int, threads: int) -> dict:
-    from stalwart.memory import PeakMemory, enable_exact_cpu_peak
+    from stalwart.memory.planner import PeakMemory, enable_exact_cpu_peak
 
     enable_exact_cpu_peak()  # before the model exists
     import torch
 
-    from stalwart.memory import training_memory
+    from stalwart.memory.planner import training_memory
 
     torch.set_num_threads(threads)
     cfg, model, opt, prec = build(overrides)

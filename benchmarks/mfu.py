@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from stalwart.bench import run_bench
 from stalwart.config import load_config
 from stalwart.hardware import cpu_peak_flops, device_name
-from stalwart.kernels import gelu_tanh
+from stalwart.model.kernels import gelu_tanh
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stalwart.config import Config, load_config
-from stalwart.prepare import prepare
+from stalwart.data.prepare import prepare
 
 # One thread: CPU results are bit-reproducible for a fixed thread count, and tests that start
 # subprocesses must not fight over the 2 cores.

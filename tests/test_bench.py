@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 from stalwart.bench import format_compare, format_report, run_bench, run_compare
-from stalwart.metrics import Progress, Smoothed, StepTimer, read_metrics
-from stalwart.model import flops_per_token
+from stalwart.logs.metrics import Progress, Smoothed, StepTimer, read_metrics
+from stalwart.model.gpt import flops_per_token
 from stalwart.train import train
 from tests.conftest import run_cli, tiny_config
 

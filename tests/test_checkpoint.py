@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stalwart import checkpoint as ck
-from stalwart import trainstate
-from stalwart.ckpt_resume import compare_probe, probe_tolerance
-from stalwart.ckpt_retention import retention_plan
+from stalwart.checkpoint import format as ck
+from stalwart.checkpoint import state as trainstate
+from stalwart.checkpoint.resume import compare_probe, probe_tolerance
+from stalwart.checkpoint.retention import retention_plan
 from stalwart.cli import main as cli_main
 from stalwart.errors import UserError
-from stalwart.metrics import read_metrics
+from stalwart.logs.metrics import read_metrics
 from stalwart.train import train
 from tests.conftest import tiny_config
 
@@ -241,7 +241,7 @@ def test_planted_pickles_never_execute(trained, tmp_path, tiny_data, capsys):
     assert rc == 0 and "never loaded: evil.pkl, optimizer.pt, rng_state.pth" in out
     with pytest.raises(ck.CheckpointUnreadable, match="cannot be read"):
         ck.read_checkpoint(forged)
-    from stalwart.sample import load_model
+    from stalwart.eval.sample import load_model
 
     load_model(newest)
     result = train(tiny_config(run, tiny_data, "--train.max_steps", "30"), progress=False)
@@ -255,8 +255,14 @@ def test_planted_pickles_never_execute(trained, tmp_path, tiny_data, capsys):
 
 
 def test_checkpoint_code_never_unpickles():
-    for name in ("checkpoint", "statetree", "trainstate", "ckpt_manager", "ckpt_cli"):
-        src = (ROOT / "src/stalwart" / f"{name}.py").read_text()
+    # distributed.py reads DCP's metadata pickle through an allow-list unpickler (its own tests)
+    files = sorted(
+        set((ROOT / "src/stalwart/checkpoint").glob("*.py"))
+        - {ROOT / "src/stalwart/checkpoint/distributed.py"}
+    )
+    assert len(files) >= 5  # the rest of the checkpoint package
+    for path in files:
+        src = path.read_text()
         assert not re.search(r"import pickle|from pickle|pickle\.load|Unpickler|torch\.load", src)
 
 
@@ -376,10 +382,10 @@ def test_async_save_error_surfaces_in_the_training_thread(tmp_path, tiny_data):
 
 
 def test_latest_valid_and_restore_checkpoint_for_rollback(trained, tmp_path, tiny_data):
-    from stalwart.data import BatchLoader, open_dataset
-    from stalwart.health import build_monitor
-    from stalwart.model import build_model
-    from stalwart.optim import build_optimizer
+    from stalwart.data.loader import BatchLoader, open_dataset
+    from stalwart.health.monitor import build_monitor
+    from stalwart.model.gpt import build_model
+    from stalwart.optim.build import build_optimizer
     from stalwart.precision import build_precision
 
     path = trainstate.latest_valid_checkpoint(trained)

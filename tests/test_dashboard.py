@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stalwart.cli import main
-from stalwart.dashboard import (
+from stalwart.health.dashboard import (
     COLORS,
     PANELS,
     split_records,

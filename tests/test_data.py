@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from stalwart.data import BatchLoader, eval_batches, open_dataset
+from stalwart.data.loader import BatchLoader, eval_batches, open_dataset
+from stalwart.data.prepare import check_ids, prepare, stdlib_sources
+from stalwart.data.tokenizer import ByteTokenizer, load_tokenizer
 from stalwart.errors import UserError
-from stalwart.prepare import check_ids, prepare, stdlib_sources
-from stalwart.tokenizer import ByteTokenizer, load_tokenizer
 
 
 def test_prepare_round_trip(tmp_path):

@@ -8,8 +8,9 @@ import pickle
 import pytest
 import torch
 
-from stalwart import checkpoint as ck
-from stalwart import dist_checkpoint, parallel
+from stalwart import parallel
+from stalwart.checkpoint import distributed as dist_checkpoint
+from stalwart.checkpoint import format as ck
 from stalwart.config import ParallelConfig
 from stalwart.errors import UserError
 

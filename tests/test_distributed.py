@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stalwart import checkpoint as ck
-from stalwart.metrics import read_metrics
+from stalwart.checkpoint import format as ck
+from stalwart.logs.metrics import read_metrics
 from stalwart.train import train
 from tests.conftest import ROOT, TINY, tiny_config
 

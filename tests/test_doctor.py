@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from stalwart import checkpoint as ck
+from stalwart.checkpoint import format as ck
 from stalwart.cli import main
-from stalwart.doctor import EXIT_CRITICAL, EXIT_OK, EXIT_WARNINGS, diagnose_run
-from stalwart.recovery import EXIT_HEALTH_STOP
+from stalwart.health.doctor import EXIT_CRITICAL, EXIT_OK, EXIT_WARNINGS, diagnose_run
+from stalwart.health.recovery import EXIT_HEALTH_STOP
 from stalwart.train import train
 from tests.conftest import TINY, run_cli, tiny_config
 

@@ -10,7 +10,7 @@ from stalwart.cli import main
 from stalwart.errors import UserError
 from stalwart.experiments import EXPERIMENTS, command_line, run_experiment
 from stalwart.experiments.common import ensure_dataset, markdown_table, smooth, to_flags
-from stalwart.metrics import read_metrics
+from stalwart.logs.metrics import read_metrics
 
 NAMES = ["sgd", "momentum", "adam", "adamw", "muon"]
 
@@ -112,7 +112,7 @@ def check_accumulation(out):
 
 def check_fp16(out):
     """train.grad_scaler reached the loop: only the scaled fp16 run checkpoints a live scaler."""
-    from stalwart.checkpoint import read_checkpoint
+    from stalwart.checkpoint.format import read_checkpoint
 
     def scaler_state(run):
         (last,) = sorted((out / "runs" / run / "checkpoints").glob("step_*"))[-1:]

@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from stalwart import cli
+from stalwart.data.prepare import prepare
+from stalwart.data.tokenizer import ByteTokenizer, load_tokenizer
 from stalwart.errors import UserError
+from stalwart.eval.sample import generate, load_any, sample_text
 from stalwart.export import export, load_init_weights
-from stalwart.model import build_model
-from stalwart.prepare import prepare
-from stalwart.sample import generate, load_any, sample_text
-from stalwart.tokenizer import ByteTokenizer, load_tokenizer
+from stalwart.model.gpt import build_model
 from stalwart.train import train
 from tests.conftest import TINY, run_cli, tiny_config
 
@@ -339,7 +339,7 @@ def test_bias_free_model_exports_zero_biases_and_comes_back(trained, tf, tmp_pat
 
 
 def test_byte_level_tokenizer_is_exactly_utf8_bytes():
-    from stalwart.hf_tokenizer import byte_level_tokenizer, bytes_to_unicode
+    from stalwart.data.hf_tokenizer import byte_level_tokenizer, bytes_to_unicode
 
     tok = byte_level_tokenizer()
     assert tok.get_vocab_size() == 256
@@ -355,7 +355,7 @@ def test_byte_level_tokenizer_is_exactly_utf8_bytes():
 
 def test_tiktoken_conversion_gives_the_same_ids():
     tiktoken = pytest.importorskip("tiktoken")
-    from stalwart.hf_tokenizer import tiktoken_to_tokenizers
+    from stalwart.data.hf_tokenizer import tiktoken_to_tokenizers
 
     # a small tiktoken BPE with GPT-2's split pattern: 256 bytes, then merges in rank order
     ranks = {bytes([b]): b for b in range(256)}

@@ -18,8 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from stalwart.config import ModelConfig
-from stalwart.metrics import utilization
-from stalwart.model import (
+from stalwart.logs.metrics import utilization
+from stalwart.model.gpt import (
     build_model,
     flops_per_token,
     hardware_flops_per_token,

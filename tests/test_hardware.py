@@ -14,7 +14,7 @@ from stalwart.hardware import (
     measure_cpu_peak,
     table_peak,
 )
-from stalwart.metrics import utilization
+from stalwart.logs.metrics import utilization
 
 TF = 1e12
 

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from stalwart.config import HealthConfig
-from stalwart.detectors import (
+from stalwart.data.prepare import prepare
+from stalwart.health.detectors import (
     clip_evidence,
     overfit_evidence,
     plateau_evidence,
@@ -23,11 +24,10 @@ from stalwart.detectors import (
     robust_center,
     throughput_evidence,
 )
-from stalwart.health import HealthMonitor, checkpoint_is_safe, nonfinite_tensors
-from stalwart.metrics import read_metrics
-from stalwart.model import build_model
-from stalwart.prepare import prepare
-from stalwart.recovery import inspect_tokens
+from stalwart.health.monitor import HealthMonitor, checkpoint_is_safe, nonfinite_tensors
+from stalwart.health.recovery import inspect_tokens
+from stalwart.logs.metrics import read_metrics
+from stalwart.model.gpt import build_model
 from stalwart.train import train
 from tests.conftest import tiny_config
 
@@ -321,7 +321,7 @@ def test_nan_embedding_row_is_named(tmp_path, tiny_data):
     is NaN: the doctor names the token rather than just 'NaN', and stops after 3 such steps."""
     from safetensors.torch import save_file
 
-    from stalwart import checkpoint as ck
+    from stalwart.checkpoint import format as ck
 
     _run(tmp_path / "src", tiny_data, "--train.max_steps", 6, "--ckpt.interval", 6)
     weights = ck.read_model_state(tmp_path / "src/checkpoints/step_00000006")

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stalwart import kernels
 from stalwart.config import ModelConfig
-from stalwart.kernels import gelu_tanh
-from stalwart.model import build_model
+from stalwart.model import kernels
+from stalwart.model.gpt import build_model
+from stalwart.model.kernels import gelu_tanh
 from stalwart.train import train
 from tests.conftest import ROOT, crash_and_resume, tiny_config
 from tests.test_train import _losses

@@ -13,17 +13,17 @@ from torch.profiler import ProfilerActivity, profile
 
 from stalwart.config import ModelConfig, load_config
 from stalwart.errors import UserError
-from stalwart.memory import (
+from stalwart.memory.plan import largest_micro_batch
+from stalwart.memory.planner import (
     AUTO_MAX_MICRO_BATCH,
     auto_micro_batch,
     check_fits,
     inference_memory,
     training_memory,
 )
-from stalwart.model import build_model
-from stalwart.optim import build_optimizer
+from stalwart.model.gpt import build_model
+from stalwart.optim.build import build_optimizer
 from stalwart.parallel import DistContext
-from stalwart.plan import largest_micro_batch
 from stalwart.precision import build_precision
 from stalwart.train import forward_backward
 
@@ -284,7 +284,7 @@ def test_auto_micro_batch_and_refusal():
 
 MEASURE = """
 import torch
-from stalwart.memory import PeakMemory, enable_exact_cpu_peak, memory_record
+from stalwart.memory.planner import PeakMemory, enable_exact_cpu_peak, memory_record
 enable_exact_cpu_peak()
 keep = torch.ones(5_000_000)  # 20 MB held on entry
 

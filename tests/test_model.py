@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stalwart.config import ModelConfig
-from stalwart.model import build_model, flops_per_token, num_params
+from stalwart.model.gpt import build_model, flops_per_token, num_params
 
 
 def tiny(**kw) -> ModelConfig:

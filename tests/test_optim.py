@@ -1,8 +1,8 @@
 import torch
 
 from stalwart.config import OptimConfig
-from stalwart.model import build_model
-from stalwart.optim import build_optimizer, param_groups
+from stalwart.model.gpt import build_model
+from stalwart.optim.build import build_optimizer, param_groups
 from tests.test_model import tiny
 
 

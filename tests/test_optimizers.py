@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from stalwart import muon
-from stalwart import reference_optim as R
 from stalwart.config import OptimConfig
-from stalwart.metrics import read_metrics
-from stalwart.model import build_model
-from stalwart.optim import (
+from stalwart.logs.metrics import read_metrics
+from stalwart.model.gpt import build_model
+from stalwart.optim import muon
+from stalwart.optim import reference as R
+from stalwart.optim.build import (
     build_optimizer,
     optimizer_state_bytes,
     optimizer_state_bytes_for,

@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stalwart import checkpoint as ck
+from stalwart.checkpoint import format as ck
 from stalwart.cli import main as cli_main
-from stalwart.metrics import read_metrics
+from stalwart.logs.metrics import read_metrics
 from stalwart.train import train
 from tests.conftest import ROOT, TINY, tiny_config
 
@@ -109,7 +109,7 @@ def assert_same_run(run: Path, ref: Path, step: int) -> None:
 
 
 def newest_valid(run_dir: Path) -> str:
-    from stalwart.trainstate import latest_valid_checkpoint
+    from stalwart.checkpoint.state import latest_valid_checkpoint
 
     return latest_valid_checkpoint(run_dir).name
 

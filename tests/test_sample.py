@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from stalwart.config import ModelConfig
+from stalwart.data.tokenizer import ByteTokenizer
 from stalwart.errors import UserError
+from stalwart.eval.sample import generate, load_any, resolve_checkpoint, sample_text
 from stalwart.export import export
-from stalwart.model import build_model
-from stalwart.sample import generate, load_any, resolve_checkpoint, sample_text
-from stalwart.tokenizer import ByteTokenizer
+from stalwart.model.gpt import build_model
 from stalwart.train import train
 from tests.conftest import tiny_config
 

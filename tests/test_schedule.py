@@ -3,7 +3,7 @@ import math
 import pytest
 
 from stalwart.config import load_config
-from stalwart.schedule import constant_lr, lr_at, schedule_lr, wsd_lr
+from stalwart.optim.schedule import constant_lr, lr_at, schedule_lr, wsd_lr
 
 
 def test_lr_at_edges():

@@ -1,8 +1,8 @@
 import pytest
 
+from stalwart.data.prepare import prepare
+from stalwart.data.tokenizer import ByteTokenizer, TiktokenGPT2, load_tokenizer, parse_spec
 from stalwart.errors import UserError
-from stalwart.prepare import prepare
-from stalwart.tokenizer import ByteTokenizer, TiktokenGPT2, load_tokenizer, parse_spec
 
 
 def test_byte_tokenizer():

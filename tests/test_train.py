@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from stalwart.metrics import read_metrics
+from stalwart.logs.metrics import read_metrics
 from stalwart.train import train
 from tests.conftest import Crash, tiny_config
 
@@ -151,7 +151,7 @@ def test_mixed_precision_paths_run(tmp_path, tiny_data, precision):
     for p in result.model.parameters():  # master weights stay fp32
         assert p.dtype == torch.float32
     if precision == "fp16":
-        from stalwart.checkpoint import read_checkpoint
+        from stalwart.checkpoint.format import read_checkpoint
 
         _, state = read_checkpoint(tmp_path / "run/checkpoints/step_00000006")
         assert state["scaler"]["scale"] > 0  # the GradScaler's state travels with the checkpoint
@@ -203,7 +203,7 @@ def test_gpt2_124m_recipe_plans_and_runs_at_reduced_batch(tmp_path, tiny_data):
     """The GPT-2 small recipe at full shape (124M parameters), a reduced batch of 1 x 128
     tokens, 3 steps on the CPU: it loads, plans, trains and checkpoints."""
     from stalwart.config import load_config
-    from stalwart.memory import training_memory
+    from stalwart.memory.planner import training_memory
 
     args = [
         "--run.dir",

@@ -36,8 +36,8 @@ from stalwart import parallel
 from stalwart.config import Config, parse_activation_checkpointing, to_toml
 from stalwart.errors import UserError
 from stalwart.hardware import describe_peak, device_name
-from stalwart.metrics import PHASES, utilization
-from stalwart.model import flops_per_token, hardware_flops_per_token
+from stalwart.logs.metrics import PHASES, utilization
+from stalwart.model.gpt import flops_per_token, hardware_flops_per_token
 from stalwart.precision import resolve_precision
 
 MiB = 1024**2
@@ -87,7 +87,7 @@ class _Probe:
             self.peak_bytes = record.get("peak_memory_bytes")
         elif self.mem_step is not None and step == self.mem_step - 1:
             try:
-                from stalwart.memory import PeakMemory
+                from stalwart.memory.planner import PeakMemory
 
                 self._pm = self._mem.enter_context(PeakMemory(self.device))
             except (ImportError, UserError) as e:
@@ -129,7 +129,7 @@ def run_memory(cfg: Config) -> dict:
     """`bench --memory-only`: one warm-up step, then the peak memory of one step, here."""
     device = parallel.pick_device(cfg.run.device)
     if device.type == "cpu":
-        from stalwart.memory import enable_exact_cpu_peak
+        from stalwart.memory.planner import enable_exact_cpu_peak
 
         enable_exact_cpu_peak()  # before the model is built: see stalwart.memory
     probe = _Probe(first=2, last=2, device=device, mem_step=2)
@@ -242,7 +242,7 @@ def memory_fields(cfg: Config, model: torch.nn.Module, probe: _Probe, device) ->
         memory["note"] = probe.note
     if cfg.train.micro_batch != "auto":
         try:
-            from stalwart.memory import training_memory
+            from stalwart.memory.planner import training_memory
         except ImportError:
             training_memory = None
         if training_memory is not None:

@@ -23,7 +23,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args, rest) -> int:
-    from stalwart.prepare import prepare
+    from stalwart.data.prepare import prepare
 
     meta = prepare(args.inputs, args.tokenizer, args.out, val_frac=args.val_frac, force=args.force)
     base = meta["baselines_bits_per_byte"]
@@ -37,7 +37,7 @@ def cmd_prepare(args, rest) -> int:
 
 def cmd_train(args, rest) -> int:
     from stalwart.config import load_config
-    from stalwart.report import print_run_summary
+    from stalwart.eval.report import print_run_summary
     from stalwart.train import train
 
     cfg = load_config(args.config, rest)
@@ -46,11 +46,11 @@ def cmd_train(args, rest) -> int:
         if result.health_stop is None:
             print_run_summary(cfg, result)
         if cfg.train.dashboard:
-            from stalwart.dashboard import write_dashboard_quietly
+            from stalwart.health.dashboard import write_dashboard_quietly
 
             write_dashboard_quietly(cfg.run.dir, say=lambda m: print(m, file=sys.stderr))
     if result.health_stop is not None:  # the doctor stopped the run: exit 3 (docs/doctor.md)
-        from stalwart.recovery import EXIT_HEALTH_STOP
+        from stalwart.health.recovery import EXIT_HEALTH_STOP
 
         d = result.health_stop
         print(
@@ -65,13 +65,13 @@ def cmd_train(args, rest) -> int:
 
 
 def cmd_doctor(args, rest) -> int:
-    from stalwart.doctor import run_doctor
+    from stalwart.health.doctor import run_doctor
 
     return run_doctor(args.run_dir, as_json=args.json)
 
 
 def cmd_dashboard(args, rest) -> int:
-    from stalwart.dashboard import write_dashboard
+    from stalwart.health.dashboard import write_dashboard
 
     png, page, _ = write_dashboard(args.run_dir)  # not a run dir: the usual `error:` line
     print(f"wrote {png} and {page}")
@@ -79,7 +79,7 @@ def cmd_dashboard(args, rest) -> int:
 
 
 def cmd_plan(args, rest) -> int:
-    from stalwart.plan import cmd_plan as plan
+    from stalwart.memory.plan import cmd_plan as plan
 
     return plan(args, rest)
 
@@ -106,7 +106,7 @@ def cmd_bench(args, rest) -> int:
 
 
 def cmd_sample(args, rest) -> int:
-    from stalwart.sample import load_any, sample_text
+    from stalwart.eval.sample import load_any, sample_text
 
     model, tok = load_any(args.path, args.device)
 
@@ -143,7 +143,7 @@ def cmd_export(args, rest) -> int:
 
 
 def cmd_ckpt(args, rest) -> int:
-    from stalwart.ckpt_cli import run_ckpt
+    from stalwart.checkpoint.cli import run_ckpt
 
     return run_ckpt(args.action, Path(args.run_dir))
 

@@ -428,7 +428,7 @@ def validate(cfg: Config) -> None:
     else:
         _positive("--train.micro_batch", t.micro_batch)
     parse_activation_checkpointing(m.activation_checkpointing)
-    from stalwart.loggers import parse_loggers  # one parser for the CLI check and the loop
+    from stalwart.logs.loggers import parse_loggers  # one parser for the CLI check and the loop
 
     parse_loggers(t.loggers)
     if not 0.0 < h.lr_backoff <= 1.0:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from stalwart import checkpoint as ck
+from stalwart.checkpoint import format as ck
 from stalwart.errors import UserError
-from stalwart.gpt2_weights import SAFETENSORS_FORMAT, read_source, shape_of, to_hf_state
+from stalwart.model.gpt2_weights import SAFETENSORS_FORMAT, read_source, shape_of, to_hf_state
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -104,7 +104,7 @@ WRITERS = {"hf": _write_hf, "safetensors": _write_safetensors}
 
 
 def _tokenizer(ckpt: Path, meta: dict, data_dir: str, notes: list[str]):
-    from stalwart.sample import checkpoint_tokenizer
+    from stalwart.eval.sample import checkpoint_tokenizer
 
     try:
         return checkpoint_tokenizer(ckpt, meta, data_dir)
@@ -127,7 +127,7 @@ def _check_out(out: Path, force: bool) -> None:
 def export(path: str | Path, fmt: str, out: str | Path, dtype: str = "fp32", force=False) -> dict:
     """Write the newest valid checkpoint of a run (or a checkpoint dir) as an artifact."""
     from stalwart.config import from_dict
-    from stalwart.sample import read_meta, resolve_checkpoint
+    from stalwart.eval.sample import read_meta, resolve_checkpoint
 
     if fmt not in WRITERS:
         raise UserError(f"--format must be hf or safetensors, got {fmt!r}")
@@ -156,7 +156,7 @@ def export(path: str | Path, fmt: str, out: str | Path, dtype: str = "fp32", for
     try:  # written aside and renamed: a failed export leaves nothing that looks complete
         WRITERS[fmt](tmp, sd, shape, tok, dtype)
         if tok is not None:
-            from stalwart.hf_tokenizer import write_tokenizer_files
+            from stalwart.data.hf_tokenizer import write_tokenizer_files
 
             write_tokenizer_files(tmp, tok, shape["block_size"])
         (tmp / "stalwart.json").write_text(json.dumps(info, indent=2) + "\n")

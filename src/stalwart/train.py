@@ -15,23 +15,24 @@ from pathlib import Path
 
 import torch
 
-from stalwart import checkpoint as ck
-from stalwart import parallel, trainstate
-from stalwart.ckpt_manager import TrainParts, build_checkpoint_manager
+from stalwart import parallel
+from stalwart.checkpoint import format as ck
+from stalwart.checkpoint import state as trainstate
+from stalwart.checkpoint.manager import TrainParts, build_checkpoint_manager
+from stalwart.checkpoint.state import LoopState
 from stalwart.config import Config, to_toml
-from stalwart.data import BatchLoader, eval_batches, open_dataset
+from stalwart.data.loader import BatchLoader, eval_batches, open_dataset
 from stalwart.errors import UserError
 from stalwart.hardware import describe_peak
-from stalwart.health import build_monitor
-from stalwart.loggers import attach_loggers
-from stalwart.memory import memory_record
-from stalwart.metrics import MetricsLog, Progress, StepTimer, throughput_record
-from stalwart.model import build_model, flops_per_token, hardware_flops_per_token
-from stalwart.optim import build_optimizer
+from stalwart.health.monitor import build_monitor
+from stalwart.health.recovery import Recovery
+from stalwart.logs.loggers import attach_loggers
+from stalwart.logs.metrics import MetricsLog, Progress, StepTimer, throughput_record
+from stalwart.memory.planner import memory_record
+from stalwart.model.gpt import build_model, flops_per_token, hardware_flops_per_token
+from stalwart.optim.build import build_optimizer
+from stalwart.optim.schedule import schedule_lr
 from stalwart.precision import build_precision
-from stalwart.recovery import Recovery
-from stalwart.schedule import schedule_lr
-from stalwart.trainstate import LoopState
 
 
 @dataclass
@@ -354,10 +355,10 @@ def _debug_pause(seconds: float, where: str) -> None:
 
 def _micro_batch(cfg: Config, ctx) -> int:
     if cfg.train.micro_batch == "auto":
-        from stalwart.memory import auto_micro_batch
+        from stalwart.memory.planner import auto_micro_batch
 
         return auto_micro_batch(cfg, ctx)
-    from stalwart.memory import check_fits
+    from stalwart.memory.planner import check_fits
 
     check_fits(cfg, int(cfg.train.micro_batch), ctx)  # refuse before allocating anything
     return int(cfg.train.micro_batch)

@@ -32,7 +32,7 @@ MODES = ("none", "full")
 
 def predicted(r: dict) -> int:
     """The planner's peak for a bench result's config (its vocabulary from the dataset)."""
-    from stalwart.memory import training_memory
+    from stalwart.memory.planner import training_memory
 
     cfg = r["config"]
     return int(

@@ -23,7 +23,7 @@ import torch
 
 from stalwart.config import Config, load_config
 from stalwart.hardware import cpu_model
-from stalwart.metrics import read_metrics
+from stalwart.logs.metrics import read_metrics
 
 DEFAULT_DATA = Path("data/stdlib-byte")
 
@@ -48,8 +48,8 @@ def ensure_dataset(data_dir: str | Path | None = None) -> Path:
     """The prepared dataset dir; the built-in stdlib corpus (byte tokens) is prepared if missing."""
     path = Path(data_dir) if data_dir else DEFAULT_DATA
     if not (path / "meta.json").is_file():
+        from stalwart.data.prepare import prepare
         from stalwart.errors import UserError
-        from stalwart.prepare import prepare
 
         if path.exists() and any(path.iterdir()):
             raise UserError(f"{path} exists but holds no prepared dataset (no meta.json)")

@@ -89,7 +89,7 @@ def lesson_config(n_layer: int, n_embd: int, n_head: int, block: int, vocab: int
 
 
 def lesson_rows() -> tuple[list[list[str]], dict]:
-    from stalwart.memory import inference_memory, training_memory
+    from stalwart.memory.planner import inference_memory, training_memory
 
     rows, plans = [], {}
     for name, (L, C, H, T, V, l_inf, l_train, l_ckpt) in LESSON.items():

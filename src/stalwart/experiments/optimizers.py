@@ -96,8 +96,8 @@ COMMON = {
 
 def measured_state_bytes(rec: RunRecord) -> int:
     """optimizer_state_bytes of the run's optimizer, rebuilt from its final checkpoint."""
-    from stalwart import checkpoint as ck
-    from stalwart.optim import build_optimizer, optimizer_state_bytes
+    from stalwart.checkpoint import format as ck
+    from stalwart.optim.build import build_optimizer, optimizer_state_bytes
 
     _, state = ck.read_checkpoint(final_checkpoint(rec))
     opt = build_optimizer(rec.cfg.optim, rec.result.model)
@@ -106,7 +106,7 @@ def measured_state_bytes(rec: RunRecord) -> int:
 
 
 def predicted_state_bytes(rec: RunRecord) -> int:
-    from stalwart.optim import optimizer_state_bytes_for
+    from stalwart.optim.build import optimizer_state_bytes_for
 
     return optimizer_state_bytes_for(rec.cfg.optim, rec.cfg.model, rec.cfg.model.vocab_size)
 
@@ -138,8 +138,8 @@ def matrix_rms(model: torch.nn.Module) -> float:
 
 def init_matrix_rms(rec: RunRecord) -> float:
     """The same statistic at initialisation (same seed, same init as the run)."""
-    from stalwart.model import build_model
-    from stalwart.trainstate import seed_everything
+    from stalwart.checkpoint.state import seed_everything
+    from stalwart.model.gpt import build_model
 
     seed_everything(rec.cfg.run.seed)
     return matrix_rms(build_model(rec.cfg.model, rec.cfg.model.vocab_size))

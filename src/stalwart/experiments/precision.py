@@ -76,7 +76,7 @@ class _AllocatorPeak:
     def __call__(self, step: int, record: dict) -> None:
         from torch.profiler import ProfilerActivity, profile
 
-        from stalwart.memory import live_tensor_bytes
+        from stalwart.memory.planner import live_tensor_bytes
 
         if step == 1:
             self.baseline = live_tensor_bytes()

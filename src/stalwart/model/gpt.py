@@ -18,7 +18,7 @@ from torch.utils.checkpoint import (
 )
 
 from stalwart.config import ModelConfig, parse_activation_checkpointing
-from stalwart.kernels import gelu_tanh
+from stalwart.model.kernels import gelu_tanh
 
 # Selective activation checkpointing keeps what is expensive to recompute and cheap to store:
 # the outputs of the matmuls (the Linears' addmm/mm) and of attention (SDPA's output and

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stalwart import checkpoint as ck
+from stalwart.checkpoint import format as ck
 from stalwart.config import Config, to_dict
 from stalwart.errors import UserError
 

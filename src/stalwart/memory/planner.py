@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stalwart.errors import UserError
-from stalwart.peakmem import (  # noqa: F401  (re-exported: stalwart.memory is the interface)
+from stalwart.memory.measure import (  # noqa: F401  (re-exported: stalwart.memory is the interface)
     PeakMemory,
     _proc_status_bytes,
     enable_exact_cpu_peak,
@@ -103,8 +103,9 @@ def training_memory(
     zero: 0 = plain data parallel (DDP), 1 = optimizer state sharded, 2 = + gradients,
     3 = + weights (FSDP / ZeRO-3). precision: fp32 | bf16 | fp16 (autocast over fp32 weights).
     """
-    from stalwart import memreplay, memsim
-    from stalwart.optim import optimizer_state_bytes_for
+    from stalwart.memory import inventory as memsim
+    from stalwart.memory import replay as memreplay
+    from stalwart.optim.build import optimizer_state_bytes_for
 
     dev = device_type or _device_type(cfg)
     mb = micro_batch if micro_batch is not None else cfg.train.micro_batch
@@ -185,7 +186,7 @@ def inference_memory(
 ) -> InferencePlan:
     """bf16 weights + the KV cache for `context` tokens (default: block_size). Activations of
     one decoding step are a few vectors per layer and are left out."""
-    from stalwart.model import num_params
+    from stalwart.model.gpt import num_params
 
     m = cfg.model
     vocab = int(vocab_size or m.vocab_size)
@@ -200,7 +201,7 @@ def auto_micro_batch(cfg, ctx) -> int:
     """`train.micro_batch = auto`: the largest power of two, up to AUTO_MAX_MICRO_BATCH, whose
     predicted peak leaves HEADROOM of the memory free (CUDA: the device's free memory; CPU:
     MemAvailable, the RAM the kernel can hand out without swapping)."""
-    from stalwart.plan import largest_micro_batch, runtime_budget
+    from stalwart.memory.plan import largest_micro_batch, runtime_budget
 
     label, budget = runtime_budget(ctx.device)
     usable = int(budget * (1 - HEADROOM))
@@ -212,7 +213,7 @@ def auto_micro_batch(cfg, ctx) -> int:
 
 def check_fits(cfg, micro_batch: int, ctx) -> None:
     """Refuse (UserError, before anything is allocated) a step predicted not to fit the device."""
-    from stalwart.plan import largest_micro_batch, runtime_budget
+    from stalwart.memory.plan import largest_micro_batch, runtime_budget
 
     label, budget = runtime_budget(ctx.device)
     kw = _parallel_kwargs(cfg, ctx)

@@ -5,7 +5,7 @@ optimizer step, as allocations and frees on a `Timeline`. See stalwart.memsim fo
 
 from __future__ import annotations
 
-from stalwart.memsim import (
+from stalwart.memory.inventory import (
     Step,
     Timeline,
     block_params,

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from stalwart.config import OptimConfig
-from stalwart.reference_optim import adam_update_
+from stalwart.optim.reference import adam_update_
 
 # Quintic Newton-Schulz coefficients (Keller Jordan): chosen to maximise the slope at zero so
 # that 5 iterations pull every singular value into roughly [0.7, 1.2] (not exactly 1, which

@@ -13,7 +13,7 @@ import torch
 
 from stalwart.errors import UserError
 from stalwart.hardware import DEVICE_MEMORY
-from stalwart.memory import (
+from stalwart.memory.planner import (
     AUTO_MAX_MICRO_BATCH,
     HEADROOM,
     gb,
@@ -204,7 +204,7 @@ def cmd_plan(args, rest) -> int:
     from stalwart.config import load_config
 
     if args.lesson_table:
-        from stalwart.plan_table import lesson_table
+        from stalwart.memory.plan_table import lesson_table
 
         print(lesson_table(as_json=args.json))
         return 0

@@ -8,7 +8,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from stalwart import checkpoint as ck
+from stalwart.checkpoint import format as ck
 
 
 def retention_plan(steps: list[int], keep_last: int, milestone_interval: int = 0) -> list[int]:

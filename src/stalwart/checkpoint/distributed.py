@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from stalwart import checkpoint as ck
-from stalwart import trainstate
+from stalwart.checkpoint import format as ck
+from stalwart.checkpoint import state as trainstate
 
 SHARDS = "dcp"
 
@@ -195,7 +195,7 @@ def _dcp_load(state_dict: dict, path: Path) -> None:
 
 def _param_names(cfg, model) -> list[str]:
     """Parameter names in the optimizer's order (index i of an id-keyed state dict)."""
-    from stalwart.optim import param_groups
+    from stalwart.optim.build import param_groups
 
     return [n for g in param_groups(model, cfg.optim.weight_decay) for n in g["names"]]
 
@@ -225,7 +225,7 @@ def _load_optimizer(path, saved, model, opt, cfg, ctx) -> dict:
         return opt.state_dict()
     target = opt
     if ctx.mode == "zero1":  # a plain optimizer to load into; its full state feeds ZeRO
-        from stalwart.optim import build_optimizer
+        from stalwart.optim.build import build_optimizer
 
         target = build_optimizer(cfg.optim, model)
     osd = get_optimizer_state_dict(model, target)

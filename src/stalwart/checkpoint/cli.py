@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from stalwart import checkpoint as ck
-from stalwart.ckpt_retention import owner_state
+from stalwart.checkpoint import format as ck
+from stalwart.checkpoint.retention import owner_state
 from stalwart.errors import UserError
 
 _OWNER = {

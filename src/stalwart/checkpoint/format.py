@@ -35,8 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from stalwart.errors import UserError
-from stalwart.statetree import (  # noqa: F401 (public here: the checkpoint API)
+from stalwart.checkpoint.statetree import (  # noqa: F401 (public here: the checkpoint API)
     TIED,
     Snapshot,
     flatten,
@@ -44,6 +43,7 @@ from stalwart.statetree import (  # noqa: F401 (public here: the checkpoint API)
     snapshot,
     unflatten,
 )
+from stalwart.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = 1

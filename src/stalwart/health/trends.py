@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 
 from stalwart.config import HealthConfig
-from stalwart.detectors import (
+from stalwart.health.detectors import (
     clip_evidence,
     diagnosis,
     overfit_evidence,

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import tomllib
 
-from stalwart import checkpoint as ck
+from stalwart.checkpoint import format as ck
 from stalwart.config import Config, _set
-from stalwart.detectors import PLAYBOOK
 from stalwart.errors import UserError
-from stalwart.health import HealthMonitor, nonfinite_tensors
-from stalwart.metrics import read_metrics
+from stalwart.health.detectors import PLAYBOOK
+from stalwart.health.monitor import HealthMonitor, nonfinite_tensors
+from stalwart.logs.metrics import read_metrics
 
 EXIT_OK, EXIT_CRITICAL, EXIT_WARNINGS = 0, 3, 4
 _RANK = {"info": 0, "warning": 1, "critical": 2}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from stalwart.config import Config
-from stalwart.memory import inference_memory, training_memory
+from stalwart.memory.planner import inference_memory, training_memory
 
 # name, (n_layer, n_embd, n_head, vocab, context), the lesson's GB: inference, training, + ckpt
 ROWS = [

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from stalwart.config import HealthConfig
-from stalwart.detectors import PLAYBOOK, diagnosis, robust_center
-from stalwart.trends import TrendDetectors
+from stalwart.health.detectors import PLAYBOOK, diagnosis, robust_center
+from stalwart.health.trends import TrendDetectors
 
 MIN_HISTORY = 20  # losses in the window before a z-score means anything
 RESTORE_STEPS = 5  # steps after a resume judged against the loss window saved in the checkpoint

@@ -6,7 +6,7 @@ import math
 import sys
 
 from stalwart.config import Config
-from stalwart.prepare import bits_per_byte
+from stalwart.data.prepare import bits_per_byte
 
 
 def print_run_summary(cfg: Config, result, stream=None) -> None:
@@ -24,7 +24,7 @@ def print_run_summary(cfg: Config, result, stream=None) -> None:
             )
         print(line, file=out)
     if cfg.train.sample_tokens and result.step:
-        from stalwart.sample import checkpoint_tokenizer, sample_text
+        from stalwart.eval.sample import checkpoint_tokenizer, sample_text
 
         ckpt = result.run_dir / "checkpoints" / f"step_{result.step:08d}"
         tok = checkpoint_tokenizer(ckpt, meta, cfg.data.dir)

@@ -26,12 +26,14 @@ from typing import Any
 
 import torch
 
-from stalwart import checkpoint as ck
-from stalwart import ckpt_resume, ckpt_retention, trainstate
+from stalwart.checkpoint import format as ck
+from stalwart.checkpoint import resume as ckpt_resume
+from stalwart.checkpoint import retention as ckpt_retention
+from stalwart.checkpoint import state as trainstate
 from stalwart.config import Config
 from stalwart.errors import UserError
-from stalwart.health import checkpoint_is_safe
-from stalwart.metrics import MetricsLog, truncate_after
+from stalwart.health.monitor import checkpoint_is_safe
+from stalwart.logs.metrics import MetricsLog, truncate_after
 
 # Writer threads of this process still running: a later train() in the same process (tests,
 # experiments) must not read checkpoints an earlier one is still writing.
@@ -154,7 +156,7 @@ class CheckpointManager:
         p = self.parts
         notes = []
         if self.ctx is not None:  # weights (resharded if need be), optimizer layout, rank RNG
-            from stalwart import dist_checkpoint
+            from stalwart.checkpoint import distributed as dist_checkpoint
 
             notes = dist_checkpoint.restore(
                 path, model_state, state, p.model, p.optimizer, self.cfg, self.ctx
@@ -187,7 +189,7 @@ class CheckpointManager:
 
     def _set_aside_newer(self, step: int, restored: Path) -> None:
         if self.distributed:  # every rank has chosen its checkpoint before any is moved
-            from stalwart import dist_checkpoint
+            from stalwart.checkpoint import distributed as dist_checkpoint
 
             dist_checkpoint._barrier(self.ctx)
         if not self.is_main:
@@ -265,7 +267,7 @@ class CheckpointManager:
             "val_loss": val_loss,
         }
         if self.distributed:  # every rank takes part (FSDP: its shards); synchronous
-            from stalwart import dist_checkpoint
+            from stalwart.checkpoint import distributed as dist_checkpoint
 
             def first(final: Path, kind_info: dict) -> Path:
                 return dist_checkpoint.save(

@@ -17,7 +17,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from stalwart.tokenizer import EOT, HFTokenizer, Tokenizer
+from stalwart.data.tokenizer import EOT, HFTokenizer, Tokenizer
 
 
 @lru_cache(maxsize=1)

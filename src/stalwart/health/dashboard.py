@@ -15,10 +15,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stalwart.dashboard_html import to_html
-from stalwart.detectors import robust_center
-from stalwart.doctor import Report, diagnose_run, load_run_config
-from stalwart.metrics import read_metrics
+from stalwart.health.dashboard_html import to_html
+from stalwart.health.detectors import robust_center
+from stalwart.health.doctor import Report, diagnose_run, load_run_config
+from stalwart.logs.metrics import read_metrics
 
 PANELS = ("train loss", "val loss", "grad norm", "learning rate", "throughput")
 # each panel's data colour (tests look for it inside the panel), and the event markers'

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from stalwart import checkpoint as ck
-from stalwart import trainstate
+from stalwart.checkpoint import format as ck
+from stalwart.checkpoint import state as trainstate
 from stalwart.errors import UserError
 
 

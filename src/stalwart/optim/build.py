@@ -51,7 +51,7 @@ def _fused_ok(params: list[torch.Tensor]) -> bool:
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.name == "muon":  # one implementation, whatever optim.impl says
-        from stalwart import muon
+        from stalwart.optim import muon
 
         return muon.build(cfg, model)
     groups = param_groups(model, cfg.weight_decay)
@@ -60,7 +60,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     params = [p for g in groups for p in g["params"]]
     betas = (cfg.beta1, cfg.beta2)
     if cfg.impl == "reference":
-        from stalwart import reference_optim
+        from stalwart.optim import reference as reference_optim
 
         return reference_optim.build(cfg, groups)
     if cfg.name == "adamw":
@@ -122,7 +122,7 @@ def optimizer_state_bytes_for(
 
     State tensors have their parameter's dtype: bytes_per_elem 4 for fp32 master weights.
     """
-    from stalwart.model import num_params
+    from stalwart.model.gpt import num_params
 
     total = num_params(cfg_model, vocab_size)["total"]
     if cfg_optim.name != "muon":

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stalwart.data.tokenizer import ByteTokenizer, HFTokenizer, TiktokenGPT2, parse_spec
 from stalwart.errors import UserError
-from stalwart.tokenizer import ByteTokenizer, HFTokenizer, TiktokenGPT2, parse_spec
 
 SPLIT_SEED = 1337
 

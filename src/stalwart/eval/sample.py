@@ -13,17 +13,17 @@ from pathlib import Path
 
 import torch
 
-from stalwart import checkpoint as ck
+from stalwart.checkpoint import format as ck
 from stalwart.config import ModelConfig, from_dict
-from stalwart.errors import UserError
-from stalwart.model import GPT, build_model
-from stalwart.tokenizer import (
+from stalwart.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
     TiktokenGPT2,
     Tokenizer,
     load_tokenizer,
 )
+from stalwart.errors import UserError
+from stalwart.model.gpt import GPT, build_model
 
 
 @torch.no_grad()
@@ -99,7 +99,7 @@ def is_exported(path: Path) -> bool:
 
 def load_exported(path: Path, device: str = "cpu") -> tuple[GPT, Tokenizer]:
     """A model from an exported (or Hugging Face GPT-2) directory, in fp32, and its tokenizer."""
-    from stalwart.gpt2_weights import read_source
+    from stalwart.model.gpt2_weights import read_source
 
     sd, src = read_source(path)
     if not src.get("n_head"):

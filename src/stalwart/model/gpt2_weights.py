@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from stalwart import checkpoint as ck
+from stalwart.checkpoint import format as ck
 from stalwart.errors import UserError
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -180,7 +180,7 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """
     from safetensors.torch import load_file
 
-    from stalwart.sample import read_meta, resolve_checkpoint
+    from stalwart.eval.sample import read_meta, resolve_checkpoint
 
     p = Path(path)
     extra: dict = {}

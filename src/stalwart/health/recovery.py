@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from stalwart.config import HealthConfig
-from stalwart.detectors import diagnosis
-from stalwart.health import HealthMonitor, Verdict, format_note
+from stalwart.health.detectors import diagnosis
+from stalwart.health.monitor import HealthMonitor, Verdict, format_note
 
 # `stalwart train` exit code when the doctor stopped the run (2 = user error, 1 = a bug)
 EXIT_HEALTH_STOP = 3

@@ -1,0 +1,1 @@
+"""stalwart.health.monitor."""

@@ -1,0 +1,1 @@
+"""stalwart.memory.planner."""

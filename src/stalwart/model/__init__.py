@@ -1,0 +1,1 @@
+"""stalwart.model.gpt."""
