@@ -1,5 +1,7 @@
 """dashboard.html: one self-contained file (no network): the doctor's findings, the
-rollbacks, and the dashboard PNG inlined as a data: URI."""
+rollbacks, and the dashboard PNG inlined as a data: URI. The page holds no per-step data of
+its own: a long run's reduction (downsample.py) is the picture's, so the page stays a few
+hundred KB however long the run, and `note` says how the picture was reduced."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ import base64
 import html
 
 
-def to_html(report, run, png_bytes: bytes) -> str:
-    """`report`: the doctor's Report; `run`: dashboard.RunData; the style inline."""
+def to_html(report, run, png_bytes: bytes, note: str = "") -> str:
+    """`report`: the doctor's Report; `run`: dashboard.RunData; `note`: how a long run was
+    drawn (empty for a short one); the style inline."""
     e = html.escape
     img = base64.b64encode(png_bytes).decode("ascii")
     rows = "".join(
@@ -36,13 +39,13 @@ body {{ font-family: sans-serif; margin: 1.5em; max-width: 1150px; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }}
 tr.critical td {{ color: #a00; }} tr.warning td {{ color: #a50; }}
-img {{ width: 100%; max-width: 1100px; }}
+img {{ width: 100%; max-width: 1100px; }} p.note {{ color: #555; font-size: 0.9em; }}
 </style></head><body>
 <h1>stalwart run {e(str(report.run_dir))}</h1>
 <p>{e(report.status)}</p><ul>{summary}</ul>
 <h2>Diagnoses</h2>{table}
 {f"<h2>Rollbacks</h2><ul>{rollbacks}</ul>" if rollbacks else ""}
-<h2>Dashboard</h2>
+<h2>Dashboard</h2>{f"<p class='note'>{e(note)}</p>" if note else ""}
 <img alt="train loss, val loss, grad norm, learning rate and throughput against the step"
  src="data:image/png;base64,{img}">
 </body></html>
