@@ -1,6 +1,20 @@
+import dataclasses
+
 import pytest
 
-from stalwart.config import Config, from_dict, load_config, to_dict, to_toml
+from stalwart.config import (
+    LOGGERS,
+    Config,
+    TrainConfig,
+    freeze,
+    from_dict,
+    load_config,
+    parse_loggers,
+    to_dict,
+    to_toml,
+    validate,
+    with_overrides,
+)
 from stalwart.errors import UserError
 
 
@@ -91,3 +105,63 @@ def test_presets_load():
     assert g.schedule.warmup_steps == 715
     tokens_per_step = g.train.micro_batch * g.train.grad_accum * g.model.block_size
     assert tokens_per_step == 524288
+
+
+def test_each_section_validates_itself():
+    cfg = Config()
+    cfg.model.n_head = 3  # 256 is not divisible by 3
+    with pytest.raises(UserError, match="divisible by --model.n_head"):
+        cfg.model.validate()
+    cfg.optim.validate()  # the other sections know nothing of it
+    cfg.health.lr_backoff = 0.0
+    with pytest.raises(UserError, match=r"--health.lr_backoff must be in \(0, 1\], got 0.0"):
+        cfg.health.validate()
+    # warmup vs max_steps spans two sections: the root checks it
+    ok = Config()
+    ok.schedule.warmup_steps, ok.train.max_steps = 10, 10
+    ok.schedule.validate()
+    ok.train.validate()
+    with pytest.raises(UserError, match="must be shorter than --train.max_steps"):
+        validate(ok)
+
+
+def test_logger_names_live_in_config():
+    assert LOGGERS == ("tensorboard", "wandb")
+    assert parse_loggers("none") == [] and parse_loggers("wandb, tensorboard") == [
+        "wandb",
+        "tensorboard",
+    ]
+    assert load_config(None, ["--train.loggers", "tensorboard"]).train.logger_list() == [
+        "tensorboard"
+    ]
+    with pytest.raises(UserError, match="unknown logger 'mlflow'; choose from none, tensorboard"):
+        parse_loggers("mlflow")
+
+
+def test_frozen_config_refuses_assignment_and_derives_copies(tmp_path):
+    cfg = load_config(None, ["--train.max_steps", "500"])  # frozen once validated
+    before = to_dict(cfg)
+    assert freeze(cfg) is cfg
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot set model.vocab_size"):
+        cfg.model.vocab_size = 256
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train = TrainConfig()
+    new = with_overrides(
+        cfg, {"train.max_steps": 5, "schedule.warmup_steps": 1, "run.dir": tmp_path}
+    )
+    assert (new.train.max_steps, new.schedule.warmup_steps, new.run.dir) == (5, 1, str(tmp_path))
+    assert to_dict(cfg) == before  # the original is untouched
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        new.train.max_steps = 6  # a frozen config gives a frozen copy
+    with pytest.raises(UserError, match="must be shorter than --train.max_steps"):
+        with_overrides(cfg, {"train.max_steps": 5})  # validated again: warmup 100 >= 5
+    with pytest.raises(UserError, match="unknown option --train.max_step"):
+        with_overrides(cfg, {"train.max_step": 5})
+    with pytest.raises(UserError, match="--optim.name must be one of"):
+        with_overrides(cfg, {"optim.name": "lion"})
+    # one section: dataclasses.replace gives a changed copy of the slice
+    health = dataclasses.replace(cfg.health, enabled=False)
+    assert health.enabled is False and cfg.health.enabled is True
+    thawed = with_overrides(Config(), {"optim.lr": 1e-3})
+    thawed.optim.lr = 2e-3  # a config being built (not frozen) gives a writable copy
+    assert thawed.optim.lr == 2e-3

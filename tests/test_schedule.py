@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from stalwart.config import load_config
+from stalwart.config import load_config, with_overrides
 from stalwart.optim.schedule import constant_lr, lr_at, schedule_lr, wsd_lr
 
 
@@ -50,6 +50,6 @@ def test_schedule_lr_uses_config():
     )
     assert cfg.optim.final_lr == pytest.approx(1e-4)  # min_lr defaults to lr / 10
     assert schedule_lr(cfg.schedule, cfg.optim, 100, 100) == pytest.approx(1e-4)
-    cfg.schedule.name = "constant"
+    cfg = with_overrides(cfg, {"schedule.name": "constant"})
     assert schedule_lr(cfg.schedule, cfg.optim, 100, 100) == pytest.approx(1e-3)
     assert not math.isnan(schedule_lr(cfg.schedule, cfg.optim, 0, 100))

@@ -1,5 +1,9 @@
 """The `stalwart` command: thin subcommands that parse, call one function, and map UserError
-to exit code 2 with a single `error:` line (code 1 is left to bugs, with their traceback)."""
+to exit code 2 with a single `error:` line (code 1 is left to bugs, with their traceback).
+
+The top of the tree: it imports everything, and nothing imports it. Each command imports its
+module when it runs (a dispatch table, not a hidden cycle: tests/test_imports.py checks that),
+so `stalwart --help` and `stalwart config` answer at once instead of loading torch (~1 s)."""
 
 from __future__ import annotations
 
@@ -88,11 +92,11 @@ def cmd_bench(args, rest) -> int:
     import json
 
     from stalwart.bench import format_compare, format_report, run_bench, run_compare, run_memory
-    from stalwart.config import load_config
+    from stalwart.config import load_config, with_overrides
 
     cfg = load_config(args.config, rest)
-    if args.peak_flops is not None:
-        cfg.train.peak_flops = args.peak_flops
+    if args.peak_flops is not None:  # --peak-flops is --train.peak_flops under a shorter name
+        cfg = with_overrides(cfg, {"train.peak_flops": args.peak_flops})
     if args.memory_only:
         print(json.dumps(run_memory(cfg)))
     elif args.compare:

@@ -2,23 +2,30 @@
 
 Every field is settable from a TOML file (`[section] field = value`) and from the command line
 (`--section.field VALUE`). Each field's `help` doubles as `--help` text. Unknown keys are
-rejected, values are converted to the field's type, and `validate()` checks the whole tree in one
-place with errors that name the flag to change. Nothing is ever `exec`-ed.
+rejected, values are converted to the field's type, and `validate()` checks the tree early, with
+errors that name the flag to change: each section checks its own fields (`ModelConfig.validate`),
+`Config.validate` adds the few checks that span sections. Nothing is ever `exec`-ed.
+
+A validated config can be made read-only with `freeze(cfg)`; a changed copy is derived with
+`with_overrides(cfg, {"train.max_steps": 5})` (validated again) or, for one section,
+`dataclasses.replace(cfg.health, enabled=True)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import tomllib
-
+from stalwart.config_base import Section, freeze, set_field
+from stalwart.config_base import help_text as _tree_help
+from stalwart.config_base import load_toml as load_toml
+from stalwart.config_base import parse_overrides as parse_overrides
+from stalwart.config_base import to_toml as to_toml
 from stalwart.errors import UserError
+
+_set = set_field  # the old private name (health/doctor.py reads run configs leniently with it)
 
 
 def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -30,7 +37,9 @@ def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
+    SECTION = "run"
+
     dir: str = opt("runs/default", "run directory: config.toml, metrics.jsonl, checkpoints/")
     seed: int = opt(42, "seed for python, numpy and torch (and the data order)")
     resume: str = opt(
@@ -40,14 +49,21 @@ class RunConfig:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
     threads: int = opt(0, "torch intra-op threads on CPU (0 = torch's default); recorded")
 
+    def validate(self) -> None:
+        self._check_positive("threads", allow_zero=True)
+
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
+    SECTION = "data"
+
     dir: str = opt("data/stdlib-byte", "prepared dataset dir (train.bin, val.bin, meta.json)")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    SECTION = "model"
+
     n_layer: int = opt(4, "transformer blocks")
     n_head: int = opt(4, "attention heads per block")
     n_embd: int = opt(256, "residual stream width")
@@ -59,9 +75,21 @@ class ModelConfig:
         "none", "none | full | every:K | selective: recompute activations in backward"
     )
 
+    def validate(self) -> None:
+        self._check_positive("n_layer", "n_head", "n_embd", "block_size")
+        self._check_positive("vocab_size", allow_zero=True)
+        self._check_within("[0, 1)", "dropout")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"--model.n_embd ({self.n_embd}) must be divisible by --model.n_head ({self.n_head})"
+            )
+        parse_activation_checkpointing(self.activation_checkpointing)
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
+    SECTION = "optim"
+
     name: str = opt("adamw", "optimizer", ("sgd", "momentum", "adam", "adamw", "muon"))
     impl: str = opt("torch", "torch (fused where available) or reference", ("torch", "reference"))
     lr: float = opt(6e-4, "peak learning rate")
@@ -80,16 +108,33 @@ class OptimConfig:
     def final_lr(self) -> float:
         return self.lr / 10 if self.min_lr < 0 else self.min_lr
 
+    def validate(self) -> None:
+        self._check_positive("lr", "muon_lr")
+        self._check_positive("weight_decay", "grad_clip", "eps", allow_zero=True)
+        if self.final_lr > self.lr:
+            raise UserError(
+                f"--optim.min_lr ({self.min_lr}) must not exceed --optim.lr ({self.lr})"
+            )
+        self._check_within("[0, 1)", "beta1", "beta2", "momentum")
+
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Section):
+    SECTION = "schedule"
+
     name: str = opt("cosine", "learning-rate schedule", ("cosine", "constant", "wsd"))
     warmup_steps: int = opt(100, "linear warmup steps")
     decay_frac: float = opt(0.2, "wsd only: fraction of the run spent decaying at the end")
 
+    def validate(self) -> None:
+        self._check_positive("warmup_steps", allow_zero=True)
+        self._check_within("[0, 1]", "decay_frac")
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
+    SECTION = "train"
+
     max_steps: int = opt(1000, "optimizer steps")
     micro_batch: int | str = opt(8, "sequences per forward/backward (or auto: the planner picks)")
     grad_accum: int = opt(1, "micro-batches per optimizer step (per process)")
@@ -113,9 +158,28 @@ class TrainConfig:
     dashboard: bool = opt(True, "`stalwart train` ends by writing run.dir/dashboard.png, .html")
     loggers: str = opt("none", "mirror metrics to: none, tensorboard, wandb (offline), or both")
 
+    def validate(self) -> None:
+        self._check_positive("max_steps", "grad_accum", "log_interval", "eval_batches")
+        self._check_positive("eval_interval", "peak_flops", "sample_tokens", allow_zero=True)
+        if isinstance(self.micro_batch, str):
+            if self.micro_batch != "auto":
+                raise UserError(
+                    "--train.micro_batch must be a positive integer or auto, "
+                    f"got {self.micro_batch!r}"
+                )
+        else:
+            self._check_positive("micro_batch")
+        self.logger_list()
+
+    def logger_list(self) -> list[str]:
+        """The loggers `loggers` names, without 'none' (checked: unknown names are refused)."""
+        return parse_loggers(self.loggers)
+
 
 @dataclass
-class CkptConfig:
+class CkptConfig(Section):
+    SECTION = "ckpt"
+
     interval: int = opt(500, "steps between checkpoints (0 = only at the end)")
     interval_minutes: float = opt(0.0, "also checkpoint every this many minutes (0 = off)")
     keep_last: int = opt(3, "ring buffer: how many step_* checkpoints to keep")
@@ -128,9 +192,15 @@ class CkptConfig:
         ("strict", "warn", "off"),
     )
 
+    def validate(self) -> None:
+        self._check_positive("keep_last")
+        self._check_positive("interval", "interval_minutes", "milestone_interval", allow_zero=True)
+
 
 @dataclass
-class HealthConfig:
+class HealthConfig(Section):
+    SECTION = "health"
+
     enabled: bool = opt(True, "watch for the debugging playbook's symptoms while training")
     on_spike: str = opt("skip", "isolated loss spike", ("ignore", "skip", "rollback"))
     on_nan: str = opt("rollback", "non-finite loss/grad", ("ignore", "skip", "rollback"))
@@ -147,9 +217,19 @@ class HealthConfig:
     plateau_lr: float = opt(1e-5, "'plateau': the loss is flat while the LR is below this")
     throughput_drop: float = opt(0.5, "diagnose tokens/s below this fraction of its rolling median")
 
+    def validate(self) -> None:
+        self._check_positive("window")
+        self._check_within("(0, 1]", "lr_backoff")
+        self._check_positive("max_rollbacks", allow_zero=True)
+        self._check_positive("spike_zscore", "nan_patience", "clip_factor", "plateau_lr")
+        self._check_positive("backoff_steps", "early_steps", "grace_steps", allow_zero=True)
+        self._check_within("[0, 1]", "clip_rate", "throughput_drop")
+
 
 @dataclass
-class DebugConfig:
+class DebugConfig(Section):
+    SECTION = "debug"
+
     inject_nan_at_step: int = opt(-1, "fault injection: make the loss NaN at this step")
     inject_spike_at_step: int = opt(-1, "fault injection: multiply the loss by 1e3 at this step")
     slow_data_ms: float = opt(0.0, "fault injection: sleep this long in every batch fetch")
@@ -164,9 +244,14 @@ class DebugConfig:
         False, "demo only: skip the loss / grad_accum division (effective LR x grad_accum)"
     )
 
+    def validate(self) -> None:
+        self._check_positive("slow_data_ms", "pause_in_save_s", "pause_in_eval_s", allow_zero=True)
+
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Section):
+    SECTION = "parallel"
+
     mode: str = opt(
         "none", "data parallelism (ddp|fsdp|zero1 under torchrun)", ("none", "ddp", "fsdp", "zero1")
     )
@@ -179,9 +264,12 @@ class ParallelConfig:
         True, "fsdp: free each block's gathered weights after forward (false: ZeRO-2-like)"
     )
 
+    def validate(self) -> None:
+        self._check_positive("timeout_minutes", "bucket_mb")
+
 
 @dataclass
-class Config:
+class Config(Section):
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -193,139 +281,21 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
+    def validate(self) -> None:
+        """Every section's own checks, then the ones that span sections."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        s, t = self.schedule, self.train
+        if s.name != "constant" and s.warmup_steps >= t.max_steps:
+            raise UserError(
+                f"--schedule.warmup_steps ({s.warmup_steps}) must be shorter than "
+                f"--train.max_steps ({t.max_steps}): lower the warmup or train longer"
+            )
+
 
 # ----------------------------------------------------------------------------------------------
-# Loading: TOML file, then --section.field overrides, then validation.
-
-
-@dataclass(frozen=True)
-class FieldInfo:
-    name: str
-    type_cls: Any
-    metadata: Any
-    default: Any
-
-
-def sections() -> dict[str, type]:
-    return {f.name: f.type_cls for f in _fields(Config)}
-
-
-def _fields(cls: type) -> list[FieldInfo]:
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out.append(FieldInfo(f.name, hints[f.name], f.metadata, default))
-    return out
-
-
-def _convert(flag: str, value: Any, typ: Any) -> Any:
-    """Convert a TOML value or a command-line string to the field's type, or explain."""
-    is_union = typing.get_origin(typ) in (typing.Union, types.UnionType)
-    options = typing.get_args(typ) if is_union else (typ,)
-    for t in options:
-        try:
-            return _convert_one(value, t)
-        except (ValueError, TypeError):
-            continue
-    names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
-    raise UserError(f"{flag} expects {names}, got {value!r}")
-
-
-def _convert_one(value: Any, t: type) -> Any:
-    if t is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(value)
-    if t is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(value)
-        if isinstance(value, str):
-            return int(float(value)) if _is_int_like(value) else int(value)
-        return int(value)
-    if t is float:
-        if isinstance(value, bool):
-            raise ValueError(value)
-        return float(value)
-    if t is str:
-        if not isinstance(value, str):
-            raise ValueError(value)
-        return value
-    raise TypeError(t)
-
-
-def _is_int_like(s: str) -> bool:
-    """'1e3' is a fine way to write 1000 on a command line."""
-    try:
-        f = float(s)
-    except ValueError:
-        return False
-    return f.is_integer() and ("e" in s.lower())
-
-
-def _set(cfg: Config, dotted: str, value: Any, flag: str) -> None:
-    parts = dotted.split(".")
-    secs = sections()
-    if len(parts) != 2 or parts[0] not in secs:
-        raise UserError(
-            f"unknown option {flag}: options look like --section.field, sections are "
-            + ", ".join(secs)
-        )
-    sec_name, name = parts
-    section = getattr(cfg, sec_name)
-    by_name = {f.name: f for f in _fields(type(section))}
-    if name not in by_name:
-        raise UserError(f"unknown option {flag}: [{sec_name}] has " + ", ".join(sorted(by_name)))
-    f = by_name[name]
-    converted = _convert(flag, value, f.type_cls)
-    choices = f.metadata.get("choices")
-    if choices and converted not in choices:
-        raise UserError(f"{flag} must be one of {', '.join(choices)}; got {converted!r}")
-    setattr(section, name, converted)
-
-
-def load_toml(cfg: Config, path: str | Path) -> None:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"config file {path} not found: check --config") from None
-    except OSError as e:
-        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
-    try:
-        tree = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path} is not valid TOML ({e}): fix the file") from None
-    for sec_name, body in tree.items():
-        if not isinstance(body, dict):
-            raise UserError(f"{path}: '{sec_name}' must be a [section] table")
-        for name, value in body.items():
-            _set(cfg, f"{sec_name}.{name}", value, f"{path}: {sec_name}.{name}")
-
-
-def parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
-    """Turn ['--a.b', '1', '--c.d=x'] into [('a.b', '1', '--a.b'), ('c.d', 'x', '--c.d')]."""
-    out = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise UserError(f"unexpected argument {arg!r}: options look like --section.field VALUE")
-        key = arg[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(argv):
-                raise UserError(f"{arg} needs a value")
-            value = argv[i + 1]
-            i += 2
-        out.append((key, value, f"--{key}"))
-    return out
+# Loading: TOML file, then --section.field overrides, then validation (config_base does the
+# parsing and the conversion).
 
 
 def load_config(config_file: str | None = None, overrides: list[str] | None = None) -> Config:
@@ -334,9 +304,11 @@ def load_config(config_file: str | None = None, overrides: list[str] | None = No
     if config_file:
         load_toml(cfg, config_file)
     for key, value, flag in parse_overrides(overrides or []):
-        _set(cfg, key, value, flag)
+        set_field(cfg, key, value, flag)
     validate(cfg)
-    return cfg
+    # read-only from here on: a resolved value lives in the part that resolved it, and a
+    # changed copy is derived (with_overrides), so no component can change another's config
+    return freeze(cfg)
 
 
 def from_dict(tree: dict[str, dict[str, Any]]) -> Config:
@@ -344,7 +316,7 @@ def from_dict(tree: dict[str, dict[str, Any]]) -> Config:
     cfg = Config()
     for sec_name, body in tree.items():
         for name, value in body.items():
-            _set(cfg, f"{sec_name}.{name}", value, f"{sec_name}.{name}")
+            set_field(cfg, f"{sec_name}.{name}", value, f"{sec_name}.{name}")
     return cfg
 
 
@@ -353,106 +325,39 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation: one place, early, every message names the flag and the fix.
-
-
-def _positive(flag: str, value: float, allow_zero: bool = False) -> None:
-    bad = value < 0 if allow_zero else value <= 0
-    if bad or (isinstance(value, float) and not math.isfinite(value)):
-        need = "at least 0" if allow_zero else "positive"
-        raise UserError(f"{flag} must be {need}, got {value}")
+# Validation: early, every message names the flag and the fix. Read-only once validated.
 
 
 def validate(cfg: Config) -> None:
-    m, o, s, t, c, h = cfg.model, cfg.optim, cfg.schedule, cfg.train, cfg.ckpt, cfg.health
-    for flag, value in [
-        ("--model.n_layer", m.n_layer),
-        ("--model.n_head", m.n_head),
-        ("--model.n_embd", m.n_embd),
-        ("--model.block_size", m.block_size),
-        ("--optim.lr", o.lr),
-        ("--optim.muon_lr", o.muon_lr),
-        ("--train.max_steps", t.max_steps),
-        ("--train.grad_accum", t.grad_accum),
-        ("--train.log_interval", t.log_interval),
-        ("--train.eval_batches", t.eval_batches),
-        ("--ckpt.keep_last", c.keep_last),
-        ("--health.window", h.window),
-        ("--parallel.timeout_minutes", cfg.parallel.timeout_minutes),
-        ("--parallel.bucket_mb", cfg.parallel.bucket_mb),
-    ]:
-        _positive(flag, value)
-    for flag, value in [
-        ("--optim.weight_decay", o.weight_decay),
-        ("--optim.grad_clip", o.grad_clip),
-        ("--optim.eps", o.eps),
-        ("--schedule.warmup_steps", s.warmup_steps),
-        ("--train.eval_interval", t.eval_interval),
-        ("--ckpt.interval", c.interval),
-        ("--ckpt.interval_minutes", c.interval_minutes),
-        ("--ckpt.milestone_interval", c.milestone_interval),
-        ("--model.vocab_size", m.vocab_size),
-        ("--run.threads", cfg.run.threads),
-        ("--debug.slow_data_ms", cfg.debug.slow_data_ms),
-        ("--debug.pause_in_save_s", cfg.debug.pause_in_save_s),
-        ("--debug.pause_in_eval_s", cfg.debug.pause_in_eval_s),
-        ("--train.peak_flops", t.peak_flops),
-        ("--train.sample_tokens", t.sample_tokens),
-    ]:
-        _positive(flag, value, allow_zero=True)
-    if not 0.0 <= m.dropout < 1.0:
-        raise UserError(f"--model.dropout must be in [0, 1), got {m.dropout}")
-    if m.n_embd % m.n_head:
-        raise UserError(
-            f"--model.n_embd ({m.n_embd}) must be divisible by --model.n_head ({m.n_head})"
-        )
-    if o.final_lr > o.lr:
-        raise UserError(f"--optim.min_lr ({o.min_lr}) must not exceed --optim.lr ({o.lr})")
-    for flag, beta in (("--optim.beta1", o.beta1), ("--optim.beta2", o.beta2)):
-        if not 0.0 <= beta < 1.0:
-            raise UserError(f"{flag} must be in [0, 1), got {beta}")
-    if not 0.0 <= o.momentum < 1.0:
-        raise UserError(f"--optim.momentum must be in [0, 1), got {o.momentum}")
-    if s.name != "constant" and s.warmup_steps >= t.max_steps:
-        raise UserError(
-            f"--schedule.warmup_steps ({s.warmup_steps}) must be shorter than "
-            f"--train.max_steps ({t.max_steps}): lower the warmup or train longer"
-        )
-    if not 0.0 <= s.decay_frac <= 1.0:
-        raise UserError(f"--schedule.decay_frac must be in [0, 1], got {s.decay_frac}")
-    if isinstance(t.micro_batch, str):
-        if t.micro_batch != "auto":
-            raise UserError(
-                f"--train.micro_batch must be a positive integer or auto, got {t.micro_batch!r}"
-            )
-    else:
-        _positive("--train.micro_batch", t.micro_batch)
-    parse_activation_checkpointing(m.activation_checkpointing)
-    from stalwart.logs.loggers import parse_loggers  # one parser for the CLI check and the loop
+    """Raise a UserError naming the flag to change if any value is out of range."""
+    cfg.validate()
 
-    parse_loggers(t.loggers)
-    if not 0.0 < h.lr_backoff <= 1.0:
-        raise UserError(f"--health.lr_backoff must be in (0, 1], got {h.lr_backoff}")
-    _positive("--health.max_rollbacks", h.max_rollbacks, allow_zero=True)
-    for flag, value in [
-        ("--health.spike_zscore", h.spike_zscore),
-        ("--health.nan_patience", h.nan_patience),
-        ("--health.clip_factor", h.clip_factor),
-        ("--health.plateau_lr", h.plateau_lr),
-    ]:
-        _positive(flag, value)
-    for flag, value in [
-        ("--health.backoff_steps", h.backoff_steps),
-        ("--health.early_steps", h.early_steps),
-        ("--health.grace_steps", h.grace_steps),
-    ]:
-        _positive(flag, value, allow_zero=True)
-    for flag, value in [
-        ("--health.clip_rate", h.clip_rate),
-        ("--health.throughput_drop", h.throughput_drop),
-    ]:
-        if not 0.0 <= value <= 1.0:
-            raise UserError(f"{flag} must be in [0, 1], got {value}")
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A validated copy of `cfg` with {"section.field": value} changed; `cfg` is untouched.
+
+    Values are converted and checked as `--section.field VALUE` flags are (a path may be a
+    Path). A frozen config gives a frozen copy."""
+    new = from_dict(to_dict(cfg))
+    for key, value in overrides.items():
+        value = os.fspath(value) if isinstance(value, os.PathLike) else value
+        set_field(new, key, value, f"--{key}")
+    validate(new)
+    return freeze(new) if cfg._frozen else new
+
+
+LOGGERS = ("tensorboard", "wandb")  # what train.loggers may name (logs/loggers.py starts them)
+
+
+def parse_loggers(spec: str) -> list[str]:
+    """'none' | 'tensorboard' | 'wandb' | 'tensorboard,wandb' -> the loggers to start."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    known = ("none", *LOGGERS)
+    for n in names:
+        if n not in known:
+            choose = ", ".join(known)
+            raise UserError(f"--train.loggers: unknown logger {n!r}; choose from {choose}")
+    return [n for n in names if n != "none"]
 
 
 def parse_activation_checkpointing(spec: str) -> tuple[str, int]:
@@ -472,41 +377,6 @@ def parse_activation_checkpointing(spec: str) -> tuple[str, int]:
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# Writing: the resolved config as TOML (tomllib reads, the stdlib has no writer).
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        if math.isnan(v):
-            return "nan"
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    raise TypeError(f"cannot write {v!r} to TOML")
-
-
-def to_toml(cfg: Config) -> str:
-    lines = []
-    for sec_name, body in to_dict(cfg).items():
-        lines.append(f"[{sec_name}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in body.items())
-        lines.append("")
-    return "\n".join(lines)
-
-
 def help_text() -> str:
     """Every field with its type, default and help, for `stalwart train --help`."""
-    lines = []
-    for sec in _fields(Config):
-        for f in _fields(sec.type_cls):
-            typ = getattr(f.type_cls, "__name__", str(f.type_cls))
-            lines.append(f"  --{sec.name}.{f.name} {typ.upper()}  (default {f.default!r})")
-            lines.append(f"      {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+    return _tree_help(Config)

@@ -2,7 +2,7 @@
 
 Works on a running, finished or crashed run. It reads metrics.jsonl (a line torn by a crash is
 skipped), config.toml and the checkpoint manifests; collects the diagnoses the live doctor
-recorded; re-runs the same detectors (health.py) over the training records to find what the
+recorded; re-runs the same detectors (monitor.py) over the training records to find what the
 live run did not record (a run with --health.enabled false, or thresholds changed since); and
 prints what it finds in plain words: symptom, evidence, likely cause, fix.
 
@@ -16,6 +16,7 @@ Exit codes (documented in docs/doctor.md):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -25,10 +26,11 @@ from pathlib import Path
 import tomllib
 
 from stalwart.checkpoint import format as ck
+from stalwart.checkpoint.backend import nonfinite_tensors
 from stalwart.config import Config, _set
 from stalwart.errors import UserError
 from stalwart.health.detectors import PLAYBOOK
-from stalwart.health.monitor import HealthMonitor, nonfinite_tensors
+from stalwart.health.monitor import HealthMonitor
 from stalwart.logs.metrics import read_metrics
 
 EXIT_OK, EXIT_CRITICAL, EXIT_WARNINGS = 0, 3, 4
@@ -92,8 +94,8 @@ def _float(v) -> float:
 
 def replay(records: list[dict], cfg: Config) -> list[dict]:
     """Re-run the live detectors over the records, in order; return their diagnoses."""
-    cfg.health.enabled = True
-    mon = HealthMonitor(cfg.health, cfg.optim.grad_clip)
+    health = dataclasses.replace(cfg.health, enabled=True)  # the run's settings, always on
+    mon = HealthMonitor(health, cfg.optim.grad_clip)
     found: list[dict] = []
     for r in records:
         event = r.get("event")

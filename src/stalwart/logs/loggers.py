@@ -13,20 +13,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from stalwart.config import TrainConfig
 from stalwart.errors import UserError
 
-KNOWN = ("none", "tensorboard", "wandb")
+# train.loggers' names and their parsing live in stalwart.config (config.LOGGERS)
 _INSTALL = {"tensorboard": "pip install 'stalwart[tb]'", "wandb": "pip install 'stalwart[wandb]'"}
-
-
-def parse_loggers(spec: str) -> list[str]:
-    """'none' | 'tensorboard' | 'wandb' | 'tensorboard,wandb' -> the loggers to start."""
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    for n in names:
-        if n not in KNOWN:
-            known = ", ".join(KNOWN)
-            raise UserError(f"--train.loggers: unknown logger {n!r}; choose from {known}")
-    return [n for n in names if n != "none"]
 
 
 def _scalars(record: dict) -> dict[str, float]:
@@ -113,15 +104,13 @@ class TeeLog:
         return getattr(self.log, name)
 
 
-def attach_loggers(log, cfg, run_dir: Path, is_main: bool = True):
+def attach_loggers(log, train: TrainConfig, run_dir: Path, config: dict, is_main: bool = True):
     """The loggers --train.loggers names, around `log`; `log` itself when none is asked for
-    (or on ranks other than 0). W&B records the whole resolved config."""
-    names = parse_loggers(cfg.train.loggers)
+    (or on ranks other than 0). W&B records `config`, the whole resolved config."""
+    names = train.logger_list()
     if not names or not is_main:
         return log
-    from stalwart.config import to_dict
-
     run_dir = Path(run_dir)
-    sinks = [TensorBoardSink(run_dir) if n == "tensorboard" else WandbSink(run_dir, to_dict(cfg))
+    sinks = [TensorBoardSink(run_dir) if n == "tensorboard" else WandbSink(run_dir, config)
              for n in names]  # fmt: skip
     return TeeLog(log, sinks)
