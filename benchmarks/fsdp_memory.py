@@ -6,9 +6,9 @@ and predicted by the planner (`stalwart plan --world-size N --zero K`).
 
 For each mode it launches `torchrun --standalone --nproc-per-node N` on this script's worker,
 which runs the real loop (`train()`, 4 steps) and measures step 3 on every rank with
-stalwart.memory.PeakMemory (exact CPU peak: tensors held at the start + the rise of the
+stalwart.memory.measure.PeakMemory (exact CPU peak: tensors held at the start + the rise of the
 resident set over the step, with glibc's mmap threshold lowered before the model is built).
-The prediction is memory.training_memory(cfg, world_size=N, zero=0|1|3) for the same config.
+The prediction is memory.planner.plan_training(cfg, world_size=N, zero=0|1|3), same config.
 Each rank is one process with its own copy of everything torch holds: the CPU stands in for N
 devices. The default model is sized so that weights + gradients + AdamW state are of the same
 order as the activations, which is where sharding shows.
@@ -48,11 +48,11 @@ MEASURED_STEP = 3  # step 1 allocates the optimizer state; 4 is the last (it sav
 
 def worker(out_dir: Path, overrides: list[str]) -> None:
     """One rank: the loop with a PeakMemory held over step MEASURED_STEP; writes rankR.json."""
-    from stalwart.memory.planner import PeakMemory, enable_exact_cpu_peak
+    from stalwart.memory.measure import PeakMemory, enable_exact_cpu_peak
 
-    enable_exact_cpu_peak()  # before anything is allocated: see stalwart.memory
+    enable_exact_cpu_peak()  # before anything is allocated: see stalwart.memory.measure
     from stalwart.config import load_config
-    from stalwart.train import train
+    from stalwart.train import AfterStep, train
 
     with tempfile.TemporaryDirectory(prefix="fsdp-memory-") as run_dir:
         cfg = load_config(None, [*overrides, "--run.dir", run_dir])
@@ -65,7 +65,7 @@ def worker(out_dir: Path, overrides: list[str]) -> None:
             elif step == MEASURED_STEP:
                 stack.close()
 
-        train(cfg, progress=False, hooks={"after_step": hook})
+        train(cfg, progress=False, callbacks=[AfterStep(hook)])
     rank = int(os.environ["RANK"])
     pm = box["pm"]
     result = {
@@ -87,17 +87,22 @@ def ddp_constructor_bytes(cfg) -> int:
         return 0
     import gc
 
+    import torch
+
     from stalwart import parallel
     from stalwart.data.loader import open_dataset
-    from stalwart.memory.planner import _proc_status_bytes
+    from stalwart.memory.measure import proc_status_bytes
     from stalwart.model.gpt import build_model
 
     ctx = parallel.init(cfg.parallel, "cpu")  # train() will find the group ready
     vocab = cfg.model.vocab_size or int(open_dataset(cfg.data.dir).meta["vocab_size"])
     model = build_model(cfg.model, vocab)
-    before = _proc_status_bytes("VmRSS:")
-    wrapped = parallel.wrap_model(model, cfg, ctx)
-    grown = _proc_status_bytes("VmRSS:") - before
+    before = proc_status_bytes("VmRSS:")
+    # DDP / ZeRO-1 only here: the compute dtype matters to FSDP's policy alone
+    wrapped = parallel.wrap_model(
+        model, cfg.parallel, ctx, seed=cfg.run.seed, compute_dtype=torch.float32
+    )
+    grown = proc_status_bytes("VmRSS:") - before
     del wrapped, model
     gc.collect()
     return max(grown, 0)
@@ -106,11 +111,11 @@ def ddp_constructor_bytes(cfg) -> int:
 def predicted(overrides: list[str], mode: str, world: int) -> dict:
     from stalwart.config import load_config
     from stalwart.data.loader import open_dataset
-    from stalwart.memory.planner import training_memory
+    from stalwart.memory.planner import plan_training
 
     cfg = load_config(None, overrides)
     vocab = cfg.model.vocab_size or int(open_dataset(cfg.data.dir).meta["vocab_size"])
-    plan = training_memory(
+    plan = plan_training(
         cfg, world_size=world, zero=ZERO[mode], vocab_size=vocab, device_type="cpu"
     )
     return {"total_bytes": plan.total_bytes, "components": plan.components}

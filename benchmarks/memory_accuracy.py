@@ -4,13 +4,13 @@
         [--sizes small,default] [--micro 4,32] [--ckpt none,full,selective] [--precision fp32]
 
 Each configuration runs in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536 (exact CPU
-measurement, see stalwart.memory.enable_exact_cpu_peak). The process builds the model and
+measurement, see stalwart.memory.measure.enable_exact_cpu_peak). The process builds the model and
 AdamW exactly as `train` does, runs two warm-up steps (the optimizer state exists from the
-first), then measures one step - zero_grad, train.forward_backward, clip, optimizer.step - two
-ways: stalwart.memory.PeakMemory (tensors held at entry + the rise of VmHWM), and the torch
+first), then measures one step - zero_grad, trainer.forward_backward, clip, optimizer.step - two
+ways: stalwart.memory.measure.PeakMemory (tensors held at entry + the rise of VmHWM), and the torch
 profiler's allocator timeline (every allocation and free of the step, exact for tensor memory,
 on top of the weights and optimizer state). The prediction is
-memory.training_memory(cfg, micro_batch=B), computed from the config alone.
+memory.planner.plan_training(cfg, micro_batch=B), computed from the config alone.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def build(overrides: list[str]):
 
 
 def make_step(cfg, model, opt, prec, micro: int):
-    """One optimizer step of train.py (steps 2-6), on random token ids."""
+    """One optimizer step as Trainer.train_step takes it (steps 2-6), on random token ids."""
     import torch
 
     from stalwart.parallel import DistContext
@@ -94,12 +94,12 @@ def profiler_peak(step, model, opt) -> int:
 
 
 def child(overrides: list[str], micro: int, threads: int) -> dict:
-    from stalwart.memory.planner import PeakMemory, enable_exact_cpu_peak
+    from stalwart.memory.measure import PeakMemory, enable_exact_cpu_peak
 
     enable_exact_cpu_peak()  # before the model exists
     import torch
 
-    from stalwart.memory.planner import training_memory
+    from stalwart.memory.planner import plan_training
 
     torch.set_num_threads(threads)
     cfg, model, opt, prec = build(overrides)
@@ -109,7 +109,7 @@ def child(overrides: list[str], micro: int, threads: int) -> dict:
     with PeakMemory("cpu") as pm:
         step()
     allocator = profiler_peak(step, model, opt)
-    plan = training_memory(cfg, micro_batch=micro, vocab_size=VOCAB, device_type="cpu")
+    plan = plan_training(cfg, micro_batch=micro, vocab_size=VOCAB, device_type="cpu")
     return {
         "measured_bytes": pm.peak_bytes,
         "exact": pm.exact,

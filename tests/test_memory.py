@@ -13,14 +13,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from stalwart.config import ModelConfig, load_config
 from stalwart.errors import UserError
-from stalwart.memory.plan import largest_micro_batch
-from stalwart.memory.planner import (
+from stalwart.memory.budget import (
     AUTO_MAX_MICRO_BATCH,
     auto_micro_batch,
     check_fits,
-    inference_memory,
-    training_memory,
+    largest_micro_batch,
 )
+from stalwart.memory.planner import plan_inference, plan_training, step_of
 from stalwart.model.gpt import build_model
 from stalwart.optim.build import build_optimizer
 from stalwart.parallel import DistContext
@@ -40,7 +39,7 @@ ONE_LAYER += ["--model.block_size", "8", "--model.vocab_size", "32"]
 
 def test_hand_counts_one_layer_16_wide():
     """B=4, T=8, C=16, V=32, 1 layer, fp32, AdamW: every figure counted by hand."""
-    plan = training_memory(cfg_of(*ONE_LAYER), micro_batch=4)
+    plan = plan_training(cfg_of(*ONE_LAYER), micro_batch=4)
     C, V, T, N, h = 16, 32, 8, 32, 2
     block = (2 * C) + (C * 3 * C + 3 * C) + (C * C + C) + (2 * C) + (C * 4 * C + 4 * C)
     block += 4 * C * C + C  # ln_1, c_attn, attn.c_proj, ln_2, c_fc, mlp.c_proj
@@ -75,7 +74,7 @@ def test_hand_counts_one_layer_16_wide():
     assert plan.at_peak["gradients"] == 0
     batch = 4 * (T + 1) * 8  # the loader's (B, T + 1) int64 rows; x and y are views
     assert plan.total_bytes == 4 * params + 8 * params + saved + 3 * N * V * f + batch
-    inf = inference_memory(cfg_of(*ONE_LAYER), context=8)
+    inf = plan_inference(cfg_of(*ONE_LAYER), context=8)
     assert inf.weights_bytes == 2 * params and inf.kv_cache_bytes == 2 * 1 * 8 * C * 2
 
 
@@ -103,7 +102,7 @@ def test_planned_activations_are_what_autograd_saves(extra):
     model = build_model(cfg.model, 32).train()
     rows = torch.randint(0, 32, (4, 9))
     saved = _saved_tensor_bytes(model, rows[:, :-1], rows[:, 1:])
-    plan = training_memory(cfg, micro_batch=4)
+    plan = plan_training(cfg, micro_batch=4)
     log_softmax = 4 * 8 * 32 * 4
     assert plan.components["activations"] + log_softmax == saved
 
@@ -160,7 +159,7 @@ def test_planned_peak_matches_the_allocator(ckpt, fused_gelu):
         fused_gelu,
     )
     measured = _allocator_peak(cfg, B=8)
-    predicted = training_memory(cfg, micro_batch=8).total_bytes
+    predicted = plan_training(cfg, micro_batch=8).total_bytes
     assert predicted == pytest.approx(measured, rel=0.02)
 
 
@@ -188,7 +187,7 @@ def test_planned_peak_matches_the_allocator_amp_accum_dropout(extra):
         *extra,
     )
     measured = _allocator_peak(cfg, B=4)
-    predicted = training_memory(cfg, micro_batch=4).total_bytes
+    predicted = plan_training(cfg, micro_batch=4).total_bytes
     assert predicted == pytest.approx(measured, rel=0.02)
 
 
@@ -210,7 +209,7 @@ def test_checkpointing_gives_identical_gradients(spec):
 
 def test_checkpointing_orders_memory():
     plans = {
-        k: training_memory(
+        k: plan_training(
             cfg_of("--model.vocab_size", "256", "--model.activation_checkpointing", k),
             micro_batch=32,
         ).total_bytes
@@ -233,21 +232,21 @@ def test_sharding_divides_the_state_per_rank():
         "--model.block_size",
         "1024",
     )
-    one = training_memory(cfg, micro_batch=1)
+    one = plan_training(cfg, micro_batch=1)
     W = one.components["weights"]
-    z = {k: training_memory(cfg, micro_batch=1, world_size=8, zero=k) for k in range(4)}
+    z = {k: plan_training(cfg, micro_batch=1, world_size=8, zero=k) for k in range(4)}
     assert z[0].components["ddp_buckets"] == W  # DDP's flat copy of the gradients
     assert z[1].components["optimizer"] == one.components["optimizer"] // 8
     assert z[3].components["weights"] == W // 8
     assert z[0].total_bytes > z[1].total_bytes > z[2].total_bytes > z[3].total_bytes
     with pytest.raises(UserError):
-        training_memory(cfg, micro_batch=1, zero=4)
+        plan_training(cfg, micro_batch=1, zero=4)
 
 
 def test_mixed_precision_keeps_16_bit_weight_copies():
     cfg = cfg_of("--model.vocab_size", "256")
-    fp32 = training_memory(cfg, micro_batch=8)
-    bf16 = training_memory(cfg, micro_batch=8, precision="bf16")
+    fp32 = plan_training(cfg, micro_batch=8)
+    bf16 = plan_training(cfg, micro_batch=8, precision="bf16")
     assert fp32.components["weight_copies"] == 0 < bf16.components["weight_copies"]
     assert bf16.components["weights"] == fp32.components["weights"]  # fp32 masters
     assert bf16.components["activations"] < fp32.components["activations"]
@@ -255,17 +254,17 @@ def test_mixed_precision_keeps_16_bit_weight_copies():
 
 def test_largest_micro_batch_is_the_boundary():
     cfg = cfg_of("--model.vocab_size", "256")
-    budget = training_memory(cfg, micro_batch=37).total_bytes + 1
-    largest = largest_micro_batch(cfg, budget)
+    budget = plan_training(cfg, micro_batch=37).total_bytes + 1
+    largest = largest_micro_batch(step_of(cfg), budget)
     assert largest == 37
-    assert largest_micro_batch(cfg, 1000) == 0
+    assert largest_micro_batch(step_of(cfg), 1000) == 0
 
 
 def test_auto_micro_batch_and_refusal():
     small = cfg_of("--model.vocab_size", "256", "--model.n_layer", "2", "--model.n_embd", "64")
-    auto = auto_micro_batch(small, CPU)
+    auto = auto_micro_batch(step_of(small), CPU.device)
     assert auto & (auto - 1) == 0 and 1 <= auto <= AUTO_MAX_MICRO_BATCH
-    check_fits(small, 8, CPU)  # a few MB: fits anywhere
+    check_fits(step_of(small), 8, CPU.device)  # a few MB: fits anywhere
     huge = cfg_of(
         "--model.vocab_size",
         "50257",
@@ -277,14 +276,14 @@ def test_auto_micro_batch_and_refusal():
         "96",
     )
     with pytest.raises(UserError, match="even at --train.micro_batch 1"):
-        check_fits(huge, 1, CPU)
+        check_fits(step_of(huge), 1, CPU.device)
     with pytest.raises(UserError, match="even at --train.micro_batch 1"):
-        auto_micro_batch(huge, CPU)
+        auto_micro_batch(step_of(huge), CPU.device)
 
 
 MEASURE = """
 import torch
-from stalwart.memory.planner import PeakMemory, enable_exact_cpu_peak, memory_record
+from stalwart.memory.measure import PeakMemory, enable_exact_cpu_peak, memory_record
 enable_exact_cpu_peak()
 keep = torch.ones(5_000_000)  # 20 MB held on entry
 

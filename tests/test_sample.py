@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stalwart.checkpoint.locate import resolve_checkpoint
 from stalwart.config import ModelConfig
 from stalwart.data.tokenizer import ByteTokenizer
 from stalwart.errors import UserError
-from stalwart.eval.sample import generate, load_any, resolve_checkpoint, sample_text
+from stalwart.eval.sample import generate, load_any, sample_text
 from stalwart.export import export
 from stalwart.model.gpt import build_model
 from stalwart.train import train

@@ -6,7 +6,7 @@ config.json (GPT2LMHeadModel), model.safetensors, generation_config.json, tokeni
 stalwart.json (where it came from). `--format safetensors` writes stalwart's own weights
 (nn.Linear layout, tied head stored once) with a small config.json any engine can read.
 Neither needs transformers installed: the files are written by safetensors and tokenizers.
-The layout details (Conv1D transposes, tied head, biases) live in gpt2_weights.py.
+The layout details (Conv1D transposes, tied head, biases) live in model/gpt2_weights.py.
 """
 
 from __future__ import annotations
@@ -17,12 +17,17 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from stalwart.checkpoint import format as ck
+from stalwart.checkpoint.locate import read_meta, resolve_checkpoint
+from stalwart.config import from_dict
+from stalwart.data.hf_tokenizer import write_tokenizer_files
 from stalwart.errors import UserError
+from stalwart.eval.sample import checkpoint_tokenizer
 from stalwart.model.gpt2_weights import SAFETENSORS_FORMAT, read_source, shape_of, to_hf_state
+from stalwart.precision import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -71,8 +76,6 @@ def generation_config(eot_id: int | None) -> dict:
 
 
 def _write_hf(d: Path, sd: dict, shape: dict, tok, dtype: str) -> None:
-    from safetensors.torch import save_file
-
     eot = shape["eot_id"]
     hf = to_hf_state(sd, shape["n_layer"], shape["n_embd"])
     save_file(hf, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -82,8 +85,6 @@ def _write_hf(d: Path, sd: dict, shape: dict, tok, dtype: str) -> None:
 
 
 def _write_safetensors(d: Path, sd: dict, shape: dict, tok, dtype: str) -> None:
-    from safetensors.torch import save_file
-
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     config = {
         "format": SAFETENSORS_FORMAT,
@@ -104,8 +105,6 @@ WRITERS = {"hf": _write_hf, "safetensors": _write_safetensors}
 
 
 def _tokenizer(ckpt: Path, meta: dict, data_dir: str, notes: list[str]):
-    from stalwart.eval.sample import checkpoint_tokenizer
-
     try:
         return checkpoint_tokenizer(ckpt, meta, data_dir)
     except UserError:
@@ -126,9 +125,6 @@ def _check_out(out: Path, force: bool) -> None:
 
 def export(path: str | Path, fmt: str, out: str | Path, dtype: str = "fp32", force=False) -> dict:
     """Write the newest valid checkpoint of a run (or a checkpoint dir) as an artifact."""
-    from stalwart.config import from_dict
-    from stalwart.eval.sample import read_meta, resolve_checkpoint
-
     if fmt not in WRITERS:
         raise UserError(f"--format must be hf or safetensors, got {fmt!r}")
     if dtype not in DTYPES:
@@ -156,8 +152,6 @@ def export(path: str | Path, fmt: str, out: str | Path, dtype: str = "fp32", for
     try:  # written aside and renamed: a failed export leaves nothing that looks complete
         WRITERS[fmt](tmp, sd, shape, tok, dtype)
         if tok is not None:
-            from stalwart.data.hf_tokenizer import write_tokenizer_files
-
             write_tokenizer_files(tmp, tok, shape["block_size"])
         (tmp / "stalwart.json").write_text(json.dumps(info, indent=2) + "\n")
         if out.is_dir():

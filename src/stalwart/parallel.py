@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from stalwart.config import Config, ParallelConfig
+from stalwart.config import ParallelConfig
 from stalwart.errors import UserError
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -137,14 +137,24 @@ def _restart_safe_store(timeout: datetime.timedelta):
     return dist.PrefixStore(f"stalwart/attempt_{env['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
-def wrap_model(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> torch.nn.Module:
+def wrap_model(
+    model: torch.nn.Module,
+    cfg: ParallelConfig,
+    ctx: DistContext,
+    *,
+    seed: int,
+    compute_dtype: torch.dtype,
+) -> torch.nn.Module:
     """DDP (ddp, zero1) or FSDP2 (fsdp, in place: `model`'s parameters become DTensor shards).
+
+    seed: the run's seed; compute_dtype: the resolved precision's dtype (FSDP all-gathers and
+    computes in it; float32: no mixed-precision policy).
 
     Every rank built the same weights from the same seed; after wrapping, each rank's torch RNG
     is re-seeded with its rank, so dropout masks differ between ranks (the same mask on every
     rank's different data would correlate the noise)."""
     if ctx.world_size > 1:
-        torch.manual_seed(cfg.run.seed + 1_000_003 * ctx.rank)
+        torch.manual_seed(seed + 1_000_003 * ctx.rank)
     if ctx.mode in ("ddp", "zero1"):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -153,37 +163,36 @@ def wrap_model(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> torch.n
         return DDP(
             model,
             device_ids=ids,
-            bucket_cap_mb=cfg.parallel.bucket_mb,
+            bucket_cap_mb=cfg.bucket_mb,
             # reduced gradients stay in the all-reduce buckets (p.grad is a view), no copy back.
             # The peak is unchanged: with zero_grad(set_to_none) backward still makes fresh
             # gradients before they land in the buckets (see BENCHMARKS.md, Distributed)
             gradient_as_bucket_view=True,
         )
     if ctx.mode == "fsdp":
-        _fully_shard(model, cfg, ctx)
+        _fully_shard(model, cfg, ctx, compute_dtype)
     return model
 
 
-def _mixed_precision(cfg: Config, ctx: DistContext):
+def _mixed_precision(compute_dtype: torch.dtype):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from stalwart.precision import DTYPES, resolve_precision
-
-    name = resolve_precision(cfg.train.precision, ctx.device)
-    if name == "fp32":
+    if compute_dtype == torch.float32:
         return MixedPrecisionPolicy()
     # all-gather and compute in 16 bits (half the traffic), but reduce gradients in fp32: a sum
     # over many ranks in bf16 loses the low bits of every small gradient
-    return MixedPrecisionPolicy(param_dtype=DTYPES[name], reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
 
 
-def _fully_shard(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> None:
+def _fully_shard(
+    model: torch.nn.Module, cfg: ParallelConfig, ctx: DistContext, compute_dtype: torch.dtype
+) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-    mp = _mixed_precision(cfg, ctx)
-    reshard = cfg.parallel.reshard_after_forward
+    mp = _mixed_precision(compute_dtype)
+    reshard = cfg.reshard_after_forward
     # one FSDP unit per block: only one block's full weights exist at a time
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
@@ -326,11 +335,27 @@ def local_model(model: torch.nn.Module, build, ctx: DistContext):
     return plain
 
 
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank when `flag` is True on any: a decision every rank must take alike
+    (a collective on some ranks only would hang), from inputs that differ between ranks (their
+    clocks). One small all-reduce; one process: `flag` itself."""
+    if ctx.world_size == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier(ctx: DistContext) -> None:
-    if ctx.distributed:
+    """Every rank waits here until all have arrived (one process: returns at once)."""
+    if ctx.world_size > 1 and dist.is_initialized():
         dist.barrier()
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Leave the process group together: a rank that tore its group down while a peer was
+    still writing the last checkpoint could abort in gloo's teardown ('terminate called
+    without an active exception', exit -6) and fail the whole torchrun job."""
     if ctx.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -7,6 +7,7 @@ import sys
 
 from stalwart.config import Config
 from stalwart.data.prepare import bits_per_byte
+from stalwart.eval.sample import checkpoint_tokenizer, sample_text
 
 
 def print_run_summary(cfg: Config, result, stream=None) -> None:
@@ -24,8 +25,6 @@ def print_run_summary(cfg: Config, result, stream=None) -> None:
             )
         print(line, file=out)
     if cfg.train.sample_tokens and result.step:
-        from stalwart.eval.sample import checkpoint_tokenizer, sample_text
-
         ckpt = result.run_dir / "checkpoints" / f"step_{result.step:08d}"
         tok = checkpoint_tokenizer(ckpt, meta, cfg.data.dir)
         text = sample_text(result.model, tok, "", cfg.train.sample_tokens, seed=cfg.run.seed)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from stalwart.checkpoint import format as ck
+from stalwart.checkpoint.locate import read_meta, resolve_checkpoint
 from stalwart.config import ModelConfig, from_dict
 from stalwart.data.tokenizer import (
     ByteTokenizer,
@@ -24,6 +25,7 @@ from stalwart.data.tokenizer import (
 )
 from stalwart.errors import UserError
 from stalwart.model.gpt import GPT, build_model
+from stalwart.model.gpt2_weights import read_source
 
 
 @torch.no_grad()
@@ -57,31 +59,6 @@ def generate(
     return idx
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run dir -> its newest valid checkpoint; a checkpoint dir -> itself (verified)."""
-    p = Path(path)
-    if (p / ck.MANIFEST).is_file():
-        info = ck.verify(p)
-        if not info.ok:
-            raise UserError(f"checkpoint {p} is unusable: {info.problem}")
-        return p
-    for d in reversed(ck.step_dirs(p / "checkpoints")):
-        if ck.verify(d).ok:
-            return d
-    best = p / "checkpoints" / "best"
-    if best.is_dir() and ck.verify(best).ok:
-        return best
-    raise UserError(
-        f"{p} holds no valid checkpoint: pass a run dir, a checkpoint dir or an exported dir"
-    )
-
-
-def read_meta(ckpt_dir: Path) -> tuple[dict, dict]:
-    """(config dict, data meta) from a checkpoint's state.json without loading any tensor."""
-    tree = ck.read_json_state(ckpt_dir, ("config", "data_meta"))
-    return tree["config"], tree.get("data_meta", {})
-
-
 def load_model(ckpt_dir: Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
     cfg_dict, meta = read_meta(ckpt_dir)
     cfg = from_dict(cfg_dict)
@@ -99,8 +76,6 @@ def is_exported(path: Path) -> bool:
 
 def load_exported(path: Path, device: str = "cpu") -> tuple[GPT, Tokenizer]:
     """A model from an exported (or Hugging Face GPT-2) directory, in fp32, and its tokenizer."""
-    from stalwart.model.gpt2_weights import read_source
-
     sd, src = read_source(path)
     if not src.get("n_head"):
         raise UserError(f"{path}/config.json does not say n_head")

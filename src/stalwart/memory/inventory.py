@@ -6,15 +6,17 @@ each Linear's input, the qkv projection, SDPA's output and logsumexp, the MLP's 
 post-GELU, dropout masks, the fp32 log-softmax), the buffers the backward allocates (gradients
 of activations, the gradients of q, k, v and their concatenation), the weight gradients as
 AccumulateGrad creates them, and the optimizer state. A running total gives the peak and what
-is held at it. The step is `train.forward_backward` + clip + `optimizer.step()`.
+is held at it. The step is `trainer.forward_backward` + clip + `optimizer.step()`.
 
 This module is the inventory (what is kept, per block, per checkpointing kind); the replay of
-the step over it is stalwart.memreplay.
+the step over it is memory.replay.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from stalwart.config import parse_activation_checkpointing
 
 CATEGORIES = (
     "weights",  # fp32 parameters: the master copy autocast casts from
@@ -143,9 +145,8 @@ def kept_in_forward(s: Step, kind: str) -> int:
 
 
 def checkpoint_kinds(spec: str, n_layer: int) -> tuple[str, ...]:
-    """Per block: which blocks `model.activation_checkpointing` checkpoints (as model.py does)."""
-    from stalwart.config import parse_activation_checkpointing
-
+    """Per block: which blocks `model.activation_checkpointing` checkpoints (as model/gpt.py
+    does)."""
     kind, every = parse_activation_checkpointing(spec)
     if kind == "every":
         return tuple("full" if i % every == 0 else "none" for i in range(n_layer))

@@ -1,8 +1,8 @@
 """Measuring peak memory: `PeakMemory` over a block, `memory_record` for the metrics.
 
 CUDA has exact counters; on CPU the kernel's resident-set high-water mark (VmHWM) is exact once
-glibc is told to map large blocks (`enable_exact_cpu_peak`). Imported by stalwart.memory, which
-re-exports everything here.
+glibc is told to map large blocks (`enable_exact_cpu_peak`). The prediction of the same peak is
+memory.planner.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from stalwart.errors import UserError
 MiB = 1024**2
 
 
-def _proc_status_bytes(key: str) -> int:
+def proc_status_bytes(key: str) -> int:
+    """A byte figure of this process from /proc/self/status (`VmRSS:`, `VmHWM:`, ...)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key):
@@ -38,7 +39,7 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int:
     """VmHWM: the most resident memory this process has held since start or the last reset."""
-    return _proc_status_bytes("VmHWM:")
+    return proc_status_bytes("VmHWM:")
 
 
 class _MallInfo2(ctypes.Structure):
@@ -160,14 +161,14 @@ class PeakMemory:
         if not self.exact:
             warnings.warn(
                 f"CPU peak memory is not exact: glibc's heap holds {free} freed bytes it can "
-                "reuse unseen; call stalwart.memory.enable_exact_cpu_peak() before building the "
-                "model (or set MALLOC_MMAP_THRESHOLD_=65536)",
+                "reuse unseen; call stalwart.memory.measure.enable_exact_cpu_peak() before "
+                "building the model (or set MALLOC_MMAP_THRESHOLD_=65536)",
                 stacklevel=2,
             )
         _erase("cpu", peak_rss_bytes())
         if not reset_peak_rss():
             raise UserError("measuring CPU peak memory needs Linux's /proc/self/clear_refs")
-        self._rss0 = _proc_status_bytes("VmRSS:")
+        self._rss0 = proc_status_bytes("VmRSS:")
         _OPEN_WINDOWS.append(self)
         return self
 

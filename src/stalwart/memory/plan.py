@@ -1,7 +1,8 @@
 """`stalwart plan`: will this config fit, what holds the memory, and what to change if not.
 
-Everything here is arithmetic on the config (`memory.training_memory`): nothing is allocated,
-so a 70B plan answers in a second on a laptop.
+Everything here is arithmetic on the config (memory.planner): nothing is allocated, so a 70B
+plan answers in a second on a laptop. This is the top of the memory package: the report and its
+formatting; nothing below imports it.
 """
 
 from __future__ import annotations
@@ -11,67 +12,18 @@ from pathlib import Path
 
 import torch
 
+from stalwart.config import Config, load_config
 from stalwart.errors import UserError
-from stalwart.hardware import DEVICE_MEMORY
+from stalwart.memory.budget import HEADROOM, auto_choice, largest_micro_batch, named_budget
+from stalwart.memory.plan_table import lesson_table
 from stalwart.memory.planner import (
-    AUTO_MAX_MICRO_BATCH,
-    HEADROOM,
     gb,
     inference_memory,
     resolve_plan_precision,
+    step_of,
     training_memory,
+    zero_stage,
 )
-
-MAX_MICRO_BATCH = 1 << 16
-
-
-def cpu_available_bytes() -> int:
-    """MemAvailable: what the kernel can hand out without swapping (page cache included)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise UserError("cannot read MemAvailable from /proc/meminfo: pass --train.micro_batch N")
-
-
-def runtime_budget(device: torch.device) -> tuple[str, int]:
-    """(label, bytes) this process can use now: free CUDA memory, or the system's available
-    RAM on CPU (a CPU run shares the machine; MemAvailable is what it can take unswapped)."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return f"{torch.cuda.get_device_name(device)} (free memory)", int(free)
-    return "this machine (available RAM)", cpu_available_bytes()
-
-
-def named_budget(name: str) -> tuple[str, int]:
-    """`--device NAME`: a DEVICE_MEMORY entry (case and spaces ignored), or `cpu`."""
-    if name.lower() == "cpu":
-        return "this machine (available RAM)", cpu_available_bytes()
-    key = name.lower().replace(" ", "").replace("-", "")
-    for known, size in DEVICE_MEMORY.items():
-        if known.lower().replace(" ", "").replace("-", "") == key:
-            return f"{known} ({size / 1024**3:.0f} GiB)", size
-    raise UserError(f"unknown --device {name!r}: use cpu or one of {', '.join(DEVICE_MEMORY)}")
-
-
-def largest_micro_batch(cfg, budget_bytes: int, **kw) -> int:
-    """The largest micro-batch whose predicted peak is within budget (0: not even 1).
-
-    Peak memory grows with the micro-batch, so: double until it does not fit, then bisect."""
-
-    def fits(b: int) -> bool:
-        return training_memory(cfg, micro_batch=b, **kw).total_bytes <= budget_bytes
-
-    if not fits(1):
-        return 0
-    lo = 1
-    while lo < MAX_MICRO_BATCH and fits(lo * 2):
-        lo *= 2
-    hi = min(lo * 2, MAX_MICRO_BATCH + 1)  # lo fits, hi does not (or is past the cap)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
 
 
 def batch_split(target_tokens: int, seq_len: int, max_micro: int, world: int) -> dict:
@@ -91,10 +43,11 @@ def batch_split(target_tokens: int, seq_len: int, max_micro: int, world: int) ->
     }
 
 
-def resolve_vocab(cfg) -> int:
-    if cfg.model.vocab_size:
-        return cfg.model.vocab_size
-    meta = Path(cfg.data.dir) / "meta.json"
+def resolve_vocab(vocab_size: int, data_dir: str | Path) -> int:
+    """The config's vocabulary size, or else the prepared dataset's (its meta.json)."""
+    if vocab_size:
+        return vocab_size
+    meta = Path(data_dir) / "meta.json"
     try:
         return int(json.loads(meta.read_text())["vocab_size"])
     except (OSError, ValueError, KeyError):
@@ -105,7 +58,7 @@ def resolve_vocab(cfg) -> int:
 
 
 def build_report(
-    cfg,
+    cfg: Config,
     world: int,
     zero: int,
     device: str,
@@ -114,16 +67,16 @@ def build_report(
     context: int | None,
 ) -> dict:
     """The whole answer as one JSON-able dict (`plan --json` prints it as is)."""
-    vocab = resolve_vocab(cfg)
+    vocab = resolve_vocab(cfg.model.vocab_size, cfg.data.dir)
     dev_type = "cpu" if device.lower() == "cpu" else "cuda"
-    kw = {"world_size": world, "zero": zero, "vocab_size": vocab, "device_type": dev_type}
+    step = step_of(cfg, world_size=world, zero=zero, vocab_size=vocab, device_type=dev_type)
     label, budget = named_budget(device)
     usable = int(budget * (1 - headroom))
-    largest = largest_micro_batch(cfg, usable, **kw)
+    largest = largest_micro_batch(step, usable)
     micro = cfg.train.micro_batch
-    if micro == "auto":  # what train would pick on this device (memory.auto_micro_batch)
-        micro = min(1 << (largest.bit_length() - 1), AUTO_MAX_MICRO_BATCH) if largest else 1
-    plan = training_memory(cfg, micro_batch=micro, **kw)
+    if micro == "auto":  # what train would pick on this device (memory.budget.auto_micro_batch)
+        micro = auto_choice(largest) if largest else 1
+    plan = training_memory(step, int(micro))
     T = cfg.model.block_size
     target = target or int(micro) * cfg.train.grad_accum * world * T
     out = plan.to_json()
@@ -137,7 +90,7 @@ def build_report(
         "largest_micro_batch": largest,
     }
     out["batch"] = batch_split(target, T, largest, world)
-    out["inference"] = inference_memory(cfg, context=context, vocab_size=vocab).to_json()
+    out["inference"] = inference_memory(cfg.model, vocab, context=context).to_json()
     out["precision"] = resolve_plan_precision(cfg.train.precision, dev_type)
     return out
 
@@ -193,30 +146,26 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def default_device(cfg) -> str:
-    dev = cfg.run.device
-    if dev == "cpu" or (dev == "auto" and not torch.cuda.is_available()):
+def default_device(run_device: str) -> str:
+    """The device to plan for when `--device` is not given: this CPU, or else an H100."""
+    if run_device == "cpu" or (run_device == "auto" and not torch.cuda.is_available()):
         return "cpu"
     return "H100"
 
 
 def cmd_plan(args, rest) -> int:
-    from stalwart.config import load_config
-
     if args.lesson_table:
-        from stalwart.memory.plan_table import lesson_table
-
         print(lesson_table(as_json=args.json))
         return 0
     cfg = load_config(args.config, rest)
     zero = args.zero
     if zero is None:  # what the configured parallel mode shards
-        zero = {"zero1": 1, "fsdp": 3}.get(cfg.parallel.mode, 0)
+        zero = zero_stage(cfg.parallel.mode)
     report = build_report(
         cfg,
         args.world_size,
         zero,
-        args.device or default_device(cfg),
+        args.device or default_device(cfg.run.device),
         HEADROOM if args.headroom is None else args.headroom,
         args.tokens_per_step,
         args.context,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 
-from stalwart.config import Config
-from stalwart.memory.planner import inference_memory, training_memory
+from stalwart.config import Config, with_overrides
+from stalwart.memory.planner import plan_inference, plan_training
 
 # name, (n_layer, n_embd, n_head, vocab, context), the lesson's GB: inference, training, + ckpt
 ROWS = [
@@ -58,10 +58,10 @@ def lesson_rows() -> list[dict]:
     for name, shape, lesson in ROWS:
         cfg = _config(shape)
         kw = {"micro_batch": 1, "device_type": "cuda", "grad_accum": 1}
-        train = training_memory(cfg, **kw)
-        cfg.model.activation_checkpointing = "full"
-        ckpt = training_memory(cfg, **kw)
-        inf = inference_memory(cfg)
+        train = plan_training(cfg, **kw)
+        full = with_overrides(cfg, {"model.activation_checkpointing": "full"})
+        ckpt = plan_training(full, **kw)
+        inf = plan_inference(full)
         rows.append(
             {
                 "model": name,

@@ -1,11 +1,12 @@
-"""Memory: measure the peak a training step holds, and predict it from the config alone.
+"""The memory planner: the peak one training step holds, predicted without building anything.
 
-`PeakMemory` measures (CUDA: the caching allocator's counters; CPU: the kernel's resident-set
-high-water mark; it lives in stalwart.peakmem and is re-exported here). `training_memory(cfg)`
-predicts the same figure without building anything: it replays one training step of the GPT-2
-block as a timeline of allocations and frees (stalwart.memsim: what is kept; stalwart.memreplay:
-the replay) and reports the highest point, with what was held there. `inference_memory`,
-`largest_micro_batch`, `auto_micro_batch` and `check_fits` are built on it.
+`training_memory(step, micro_batch)` replays one training step of the GPT-2 block as a timeline
+of allocations and frees (memory.inventory: what is kept; memory.replay: the replay) and reports
+the highest point, with what was held there. It reads a `StepSpec`: the model and optimizer
+sections of the config and the facts resolved elsewhere (vocabulary, precision, device, how the
+ranks shard). `inference_memory` is the serving side. `plan_training` / `plan_inference` are the
+same from a whole Config, for the `plan` command, `bench` and the experiments. The micro-batch
+choice is built on top (memory.budget); measuring the real peak is memory.measure.
 """
 
 from __future__ import annotations
@@ -14,26 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stalwart.config import Config, ModelConfig, OptimConfig
 from stalwart.errors import UserError
-from stalwart.memory.measure import (  # noqa: F401  (re-exported: stalwart.memory is the interface)
-    PeakMemory,
-    _proc_status_bytes,
-    enable_exact_cpu_peak,
-    heap_free_bytes,
-    live_tensor_bytes,
-    memory_record,
-    peak_rss_bytes,
-    reset_peak_rss,
-)
+from stalwart.memory import inventory
+from stalwart.memory.replay import replay
+from stalwart.model.gpt import num_params
+from stalwart.optim.build import optimizer_state_bytes_for
 
 MiB, GiB = 1024**2, 1024**3
-# auto micro-batch leaves this share of the budget free: fragmentation in the CUDA caching
-# allocator, the CUDA context itself (not counted by max_memory_allocated), and the planner's
-# own +-10%.
-HEADROOM = 0.10
-# auto never goes past this: a tiny model "fits" 10^5 sequences in a CPU's RAM, but past a few
-# hundred sequences a bigger micro-batch buys no throughput, only slower steps
-AUTO_MAX_MICRO_BATCH = 256
 
 
 @dataclass
@@ -71,6 +60,33 @@ class MemoryPlan:
         }
 
 
+@dataclass(frozen=True)
+class StepSpec:
+    """One training step to plan, but for its micro-batch.
+
+    model, optim: the config's sections. The facts come resolved: vocab_size (the dataset's where
+    the config leaves it 0), precision (fp32 | bf16 | fp16, or auto: bf16 on CUDA, fp32 on CPU),
+    device_type (cpu | cuda), grad_accum, and the parallel layout: world_size ranks and the
+    ZeRO stage they shard at (`zero_stage`; 0 = DDP, 1 = optimizer state, 2 = + gradients,
+    3 = + weights: FSDP). seq_len: None = the model's block_size.
+    """
+
+    model: ModelConfig
+    optim: OptimConfig
+    vocab_size: int
+    precision: str = "fp32"
+    device_type: str = "cpu"
+    grad_accum: int = 1
+    world_size: int = 1
+    zero: int = 0
+    seq_len: int | None = None
+
+
+def zero_stage(mode: str) -> int:
+    """The ZeRO stage a `parallel.mode` amounts to: zero1 shards the optimizer state, fsdp all."""
+    return {"zero1": 1, "fsdp": 3}.get(mode, 0)
+
+
 def resolve_plan_precision(name: str, device_type: str) -> str:
     """`auto` without a device to ask: bf16 on CUDA (Ampere+ is what people plan for), fp32 on
     CPU (what auto picks on CPUs without bf16 units)."""
@@ -79,49 +95,32 @@ def resolve_plan_precision(name: str, device_type: str) -> str:
     return "bf16" if device_type == "cuda" else "fp32"
 
 
-def _device_type(cfg) -> str:
-    dev = cfg.run.device
-    if dev == "auto":
+def run_device_type(device: str) -> str:
+    """cpu | cuda for a `run.device` setting (auto: cuda where there is one)."""
+    if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if dev.startswith("cuda") else "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"
 
 
-def training_memory(
-    cfg,
-    *,
-    micro_batch: int | None = None,
-    world_size: int = 1,
-    zero: int = 0,
-    precision: str | None = None,
-    vocab_size: int | None = None,
-    seq_len: int | None = None,
-    grad_accum: int | None = None,
-    device_type: str | None = None,
-) -> MemoryPlan:
-    """Predicted peak memory (bytes, per rank) of one training step of `cfg` (a pure function).
-
-    zero: 0 = plain data parallel (DDP), 1 = optimizer state sharded, 2 = + gradients,
-    3 = + weights (FSDP / ZeRO-3). precision: fp32 | bf16 | fp16 (autocast over fp32 weights).
-    """
-    from stalwart.memory import inventory as memsim
-    from stalwart.memory import replay as memreplay
-    from stalwart.optim.build import optimizer_state_bytes_for
-
-    dev = device_type or _device_type(cfg)
-    mb = micro_batch if micro_batch is not None else cfg.train.micro_batch
-    mb = 1 if mb == "auto" else int(mb)
-    vocab = int(vocab_size or cfg.model.vocab_size)
-    if not vocab:
+def _need_vocab(vocab_size: int) -> int:
+    if not vocab_size:
         raise UserError("the planner needs the vocabulary size: set --model.vocab_size")
-    if zero not in (0, 1, 2, 3):
-        raise UserError(f"--zero must be 0, 1, 2 or 3, got {zero}")
-    if world_size < 1:
-        raise UserError(f"--world-size must be at least 1, got {world_size}")
-    prec = resolve_plan_precision(precision or cfg.train.precision, dev)
-    m, lp = cfg.model, 2 if prec in ("bf16", "fp16") else 4
-    step = memsim.Step(
-        B=mb,
-        T=int(seq_len or m.block_size),
+    return int(vocab_size)
+
+
+def training_memory(step: StepSpec, micro_batch: int) -> MemoryPlan:
+    """Predicted peak memory (bytes, per rank) of one training step (a pure function)."""
+    vocab = _need_vocab(step.vocab_size)
+    if step.zero not in (0, 1, 2, 3):
+        raise UserError(f"--zero must be 0, 1, 2 or 3, got {step.zero}")
+    if step.world_size < 1:
+        raise UserError(f"--world-size must be at least 1, got {step.world_size}")
+    dev = step.device_type
+    prec = resolve_plan_precision(step.precision, dev)
+    m, lp = step.model, 2 if prec in ("bf16", "fp16") else 4
+    s = inventory.Step(
+        B=int(micro_batch),
+        T=int(step.seq_len or m.block_size),
         C=m.n_embd,
         h=m.n_head,
         V=vocab,
@@ -132,25 +131,25 @@ def training_memory(
         p_drop=m.dropout,
         mask=lp if dev == "cpu" else 1,
         cpu=dev == "cpu",
-        ckpt=memsim.checkpoint_kinds(m.activation_checkpointing, m.n_layer),
-        world=world_size,
-        zero=zero,
-        grad_accum=int(grad_accum or cfg.train.grad_accum),
-        opt_state_bytes=optimizer_state_bytes_for(cfg.optim, m, vocab, bytes_per_elem=4),
+        ckpt=inventory.checkpoint_kinds(m.activation_checkpointing, m.n_layer),
+        world=step.world_size,
+        zero=step.zero,
+        grad_accum=int(step.grad_accum),
+        opt_state_bytes=optimizer_state_bytes_for(step.optim, m, vocab, bytes_per_elem=4),
     )
-    tl = memreplay.replay(step)
+    tl = replay(s)
     return MemoryPlan(
         total_bytes=tl.peak,
         components=dict(tl.most),
         at_peak=dict(tl.at_peak),
         peak_phase=tl.peak_phase,
-        micro_batch=mb,
-        seq_len=step.T,
+        micro_batch=s.B,
+        seq_len=s.T,
         precision=prec,
         checkpointing=m.activation_checkpointing,
-        world_size=world_size,
-        zero=zero,
-        params=memsim.model_params(step),
+        world_size=step.world_size,
+        zero=step.zero,
+        params=inventory.model_params(s),
     )
 
 
@@ -177,71 +176,59 @@ class InferencePlan:
 
 
 def inference_memory(
-    cfg,
+    model: ModelConfig,
+    vocab_size: int,
     *,
     context: int | None = None,
     batch: int = 1,
-    vocab_size: int | None = None,
     bytes_per_elem: int = 2,
 ) -> InferencePlan:
     """bf16 weights + the KV cache for `context` tokens (default: block_size). Activations of
     one decoding step are a few vectors per layer and are left out."""
-    from stalwart.model.gpt import num_params
-
-    m = cfg.model
-    vocab = int(vocab_size or m.vocab_size)
-    if not vocab:
-        raise UserError("the planner needs the vocabulary size: set --model.vocab_size")
-    ctx_len = int(context or m.block_size)
-    kv = 2 * m.n_layer * batch * ctx_len * m.n_embd * bytes_per_elem
-    return InferencePlan(num_params(m, vocab)["total"] * bytes_per_elem, kv, ctx_len, batch)
+    vocab = _need_vocab(vocab_size)
+    ctx_len = int(context or model.block_size)
+    kv = 2 * model.n_layer * batch * ctx_len * model.n_embd * bytes_per_elem
+    return InferencePlan(num_params(model, vocab)["total"] * bytes_per_elem, kv, ctx_len, batch)
 
 
-def auto_micro_batch(cfg, ctx) -> int:
-    """`train.micro_batch = auto`: the largest power of two, up to AUTO_MAX_MICRO_BATCH, whose
-    predicted peak leaves HEADROOM of the memory free (CUDA: the device's free memory; CPU:
-    MemAvailable, the RAM the kernel can hand out without swapping)."""
-    from stalwart.memory.plan import largest_micro_batch, runtime_budget
-
-    label, budget = runtime_budget(ctx.device)
-    usable = int(budget * (1 - HEADROOM))
-    largest = largest_micro_batch(cfg, usable, **_parallel_kwargs(cfg, ctx))
-    if largest < 1:
-        raise UserError(_too_big(cfg, label, budget, ctx))
-    return min(1 << (largest.bit_length() - 1), AUTO_MAX_MICRO_BATCH)
+# ---- the same from a whole Config: the `plan` command, bench, the experiments ---------------
 
 
-def check_fits(cfg, micro_batch: int, ctx) -> None:
-    """Refuse (UserError, before anything is allocated) a step predicted not to fit the device."""
-    from stalwart.memory.plan import largest_micro_batch, runtime_budget
-
-    label, budget = runtime_budget(ctx.device)
-    kw = _parallel_kwargs(cfg, ctx)
-    plan = training_memory(cfg, micro_batch=micro_batch, **kw)
-    if plan.total_bytes <= budget:
-        return
-    largest = largest_micro_batch(cfg, budget, **kw)
-    if largest < 1:
-        raise UserError(_too_big(cfg, label, budget, ctx))
-    raise UserError(
-        f"--train.micro_batch {micro_batch} needs {gb(plan.total_bytes)} but {label} has "
-        f"{gb(budget)}: the largest micro-batch that fits is {largest} (raise "
-        f"--train.grad_accum to keep the batch), or see `stalwart plan`"
+def step_of(
+    cfg: Config,
+    *,
+    world_size: int = 1,
+    zero: int = 0,
+    precision: str | None = None,
+    vocab_size: int | None = None,
+    seq_len: int | None = None,
+    grad_accum: int | None = None,
+    device_type: str | None = None,
+) -> StepSpec:
+    """The StepSpec of `cfg`; each argument given overrides what the config says."""
+    return StepSpec(
+        cfg.model,
+        cfg.optim,
+        vocab_size=int(vocab_size or cfg.model.vocab_size),
+        precision=precision or cfg.train.precision,
+        device_type=device_type or run_device_type(cfg.run.device),
+        grad_accum=int(grad_accum or cfg.train.grad_accum),
+        world_size=world_size,
+        zero=zero,
+        seq_len=seq_len,
     )
 
 
-def _too_big(cfg, label: str, budget: int, ctx) -> str:
-    one = training_memory(cfg, micro_batch=1, **_parallel_kwargs(cfg, ctx)).total_bytes
-    return (
-        f"this model needs {gb(one)} even at --train.micro_batch 1 but {label} has "
-        f"{gb(budget)}: use --model.activation_checkpointing full, shard it "
-        "(--parallel.mode fsdp), or a smaller model; see `stalwart plan`"
-    )
+def plan_training(cfg: Config, *, micro_batch: int | str | None = None, **overrides) -> MemoryPlan:
+    """`training_memory` of `cfg` (micro_batch: the config's, `auto` planned as 1); `overrides`
+    as `step_of`'s."""
+    mb = micro_batch if micro_batch is not None else cfg.train.micro_batch
+    return training_memory(step_of(cfg, **overrides), 1 if mb == "auto" else int(mb))
 
 
-def _parallel_kwargs(cfg, ctx) -> dict:
-    zero = {"zero1": 1, "fsdp": 3}.get(cfg.parallel.mode, 0)
-    return {"world_size": ctx.world_size, "zero": zero, "device_type": ctx.device.type}
+def plan_inference(cfg: Config, *, vocab_size: int | None = None, **kw) -> InferencePlan:
+    """`inference_memory` of `cfg`'s model (its vocabulary unless `vocab_size` is given)."""
+    return inference_memory(cfg.model, int(vocab_size or cfg.model.vocab_size), **kw)
 
 
 def gb(n: float) -> str:

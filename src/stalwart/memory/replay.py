@@ -1,6 +1,6 @@
-"""The replay of one training step over memsim's inventory: forward, loss, backward block by
+"""The replay of one training step over memory.inventory: forward, loss, backward block by
 block (with recomputation under checkpointing and FSDP's unshard / reduce-scatter), and the
-optimizer step, as allocations and frees on a `Timeline`. See stalwart.memsim for the what.
+optimizer step, as allocations and frees on a `Timeline`. See memory.inventory for the what.
 """
 
 from __future__ import annotations

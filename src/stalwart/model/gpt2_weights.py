@@ -20,8 +20,10 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from stalwart.checkpoint import format as ck
+from stalwart.checkpoint.locate import read_meta, resolve_checkpoint
 from stalwart.errors import UserError
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -161,8 +163,6 @@ def check_hf_config(cfg: dict, path: Path) -> None:
 
 
 def _hf_weights(d: Path) -> dict:
-    from safetensors.torch import load_file
-
     if (d / "model.safetensors").is_file():
         return load_file(str(d / "model.safetensors"))
     if (d / "model.safetensors.index.json").is_file():  # sharded
@@ -178,10 +178,6 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
     The shape is what the weights imply plus n_head (and the tokenizer spec) where recorded.
     """
-    from safetensors.torch import load_file
-
-    from stalwart.eval.sample import read_meta, resolve_checkpoint
-
     p = Path(path)
     extra: dict = {}
     if not p.exists():
