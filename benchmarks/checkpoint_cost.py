@@ -6,7 +6,7 @@ verify and restore time, for the model sizes of the recipes in configs/.
 
 The state is real: the recipe's model, its AdamW with moments filled by one optimizer step on a
 short synthetic batch, a loader, a health monitor, RNG states; saved through the same
-CheckpointManager the loop uses (with its continuity probe disabled: its cost, one forward of
+CheckpointSaver the loop uses (with its continuity probe disabled: its cost, one forward of
 one micro-batch, is reported separately). The save fraction of wall time at the recipe's
 interval is save_s / (interval x step_s); step_s is measured for the CPU recipe and given as
 the break-even step time (fraction = 1%) for the GPU one.
@@ -30,12 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from stalwart import trainstate  # noqa: E402
 from stalwart.checkpoint import format as ck  # noqa: E402
-from stalwart.checkpoint.manager import TrainParts, build_checkpoint_manager  # noqa: E402
-from stalwart.config import load_config  # noqa: E402
+from stalwart.checkpoint import state as trainstate  # noqa: E402
+from stalwart.checkpoint.backend import nonfinite_tensors, pick_backend  # noqa: E402
+from stalwart.checkpoint.saver import CheckpointSaver  # noqa: E402
+from stalwart.checkpoint.state import TrainParts  # noqa: E402
+from stalwart.config import load_config, to_dict, with_overrides  # noqa: E402
 from stalwart.data.loader import BatchLoader  # noqa: E402
-from stalwart.health.monitor import build_monitor, checkpoint_is_safe  # noqa: E402
+from stalwart.health.monitor import build_monitor  # noqa: E402
 from stalwart.model.gpt import build_model  # noqa: E402
 from stalwart.optim.build import build_optimizer  # noqa: E402
 from stalwart.precision import build_precision  # noqa: E402
@@ -44,8 +46,7 @@ BYTE_VOCAB = 256  # tiny-cpu trains on the byte-level dataset (vocab_size 0 = th
 
 
 def build_parts(cfg) -> TrainParts:
-    vocab = cfg.model.vocab_size or BYTE_VOCAB
-    cfg.model.vocab_size = vocab
+    vocab = cfg.model.vocab_size
     model = build_model(cfg.model, vocab)
     opt = build_optimizer(cfg.optim, model)
     x = torch.randint(0, vocab, (1, min(64, cfg.model.block_size)))
@@ -61,11 +62,12 @@ def build_parts(cfg) -> TrainParts:
 
 
 def time_saves(cfg, parts, out: Path, asynchronous: bool, repeats: int) -> list[dict]:
-    """`repeats` saves through one manager (as in a run: async reuses its snapshot buffers
+    """`repeats` saves through one saver (as in a run: async reuses its snapshot buffers
     from the second save on), then verify and restore the last one."""
-    cfg.ckpt.async_save = asynchronous
+    cfg = with_overrides(cfg, {"ckpt.async_save": asynchronous})
     run = Path(tempfile.mkdtemp(dir=out))
-    ckpts = build_checkpoint_manager(cfg, run, parts, say=lambda s: None)
+    backend = pick_backend(None, optim=cfg.optim, train=cfg.train, seed=cfg.run.seed)
+    ckpts = CheckpointSaver(cfg.ckpt, run, parts, backend, config=to_dict(cfg), say=lambda s: None)
     ckpts.attach_log(type("Log", (), {"write": lambda self, r: None})())
     results = []
     for _ in range(repeats):
@@ -130,10 +132,11 @@ def probe_time(cfg) -> float:
 
 def bench(config: str, repeats: int, out: Path, cpu_steps: bool) -> dict:
     cfg = load_config(config, ["--run.threads", "0"])
+    cfg = with_overrides(cfg, {"model.vocab_size": cfg.model.vocab_size or BYTE_VOCAB})
     parts = build_parts(cfg)
     n_params = sum(p.numel() for p in parts.model.parameters())
     t0 = time.perf_counter()
-    checkpoint_is_safe(parts.model.state_dict())  # health.py's NaN guard, inside every save
+    nonfinite_tensors(parts.model.state_dict())  # the saver's NaN guard, inside every save
     guard_s = time.perf_counter() - t0
     sync = time_saves(cfg, parts, out, False, repeats)
     asyn = time_saves(cfg, parts, out, True, repeats + 1)

@@ -20,12 +20,25 @@ from safetensors.torch import load_file
 
 from stalwart.checkpoint import format as ck
 from stalwart.checkpoint import state as trainstate
-from stalwart.checkpoint.resume import compare_probe, probe_tolerance
+from stalwart.checkpoint.backend import LocalBackend, pick_backend
+from stalwart.checkpoint.resume import (
+    compare_probe,
+    latest_valid_checkpoint,
+    probe_tolerance,
+    select_checkpoint,
+)
 from stalwart.checkpoint.retention import retention_plan
+from stalwart.checkpoint.saver import CheckpointSaver
 from stalwart.cli import main as cli_main
+from stalwart.config import to_dict
+from stalwart.data.loader import BatchLoader, open_dataset
 from stalwart.errors import UserError
+from stalwart.health.monitor import build_monitor
 from stalwart.logs.metrics import read_metrics
-from stalwart.train import train
+from stalwart.model.gpt import build_model
+from stalwart.optim.build import build_optimizer
+from stalwart.precision import build_precision
+from stalwart.train import AfterStep, train
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +144,7 @@ def test_corrupt_newest_is_named_by_verify_and_resume_falls_back(kind, trained, 
     rc, out = ckpt_cli(capsys, "verify", run)
     assert rc == 1 and "CORRUPT" in out and "step_00000030" in out and problem in out
     said = []
-    found = trainstate.find_resume_checkpoint(run, "auto", said.append)
+    found = select_checkpoint(run, "auto", said.append).path
     assert found.name == "step_00000020"
     assert "step_00000030 is not usable" in said[0]
 
@@ -162,7 +175,7 @@ def test_stray_temp_dir_is_reported_and_never_loaded(trained, tmp_path, capsys):
     rc, out = ckpt_cli(capsys, "verify", run)
     assert rc == 1 and f"stray temporary directory {stray}" in out and "another host" in out
     assert "4/4 checkpoints ok, 1 interrupted save(s)" in out
-    assert trainstate.find_resume_checkpoint(run, "auto", print).name == "step_00000030"
+    assert select_checkpoint(run, "auto", print).path.name == "step_00000030"
 
 
 def test_ckpt_list_shows_step_time_val_size_status(trained, capsys):
@@ -179,18 +192,19 @@ def test_no_valid_checkpoint_is_refused_not_silently_restarted(trained, tmp_path
     for d in [*ck.step_dirs(run / "checkpoints"), run / "checkpoints/best"]:
         (d / ck.MANIFEST).unlink()
     with pytest.raises(UserError, match="none is usable"):
-        trainstate.find_resume_checkpoint(run, "auto", print)
+        select_checkpoint(run, "auto", print)
 
 
 def test_resume_never_and_path(trained, tmp_path):
     with pytest.raises(UserError, match="resume is never"):
-        trainstate.find_resume_checkpoint(trained, "never", print)
+        select_checkpoint(trained, "never", print)
+    assert select_checkpoint(tmp_path / "fresh", "never", print) is None
     older = ck.step_dir(trained / "checkpoints", 10)
-    assert trainstate.find_resume_checkpoint(tmp_path, str(older), print) == older
-    found = trainstate.find_resume_checkpoint(tmp_path, str(trained), print)
+    assert select_checkpoint(tmp_path, str(older), print).path == older
+    found = select_checkpoint(tmp_path, str(trained), print).path
     assert found.name == "step_00000030"
     with pytest.raises(UserError, match="no manifest"):
-        trainstate.find_resume_checkpoint(tmp_path, str(tmp_path), print)
+        select_checkpoint(tmp_path, str(tmp_path), print)
 
 
 def test_incompatible_resume_is_refused(trained, tmp_path, tiny_data):
@@ -255,10 +269,10 @@ def test_planted_pickles_never_execute(trained, tmp_path, tiny_data, capsys):
 
 
 def test_checkpoint_code_never_unpickles():
-    # distributed.py reads DCP's metadata pickle through an allow-list unpickler (its own tests)
+    # safe_dcp.py reads DCP's metadata pickle through an allow-list unpickler (its own tests)
     files = sorted(
         set((ROOT / "src/stalwart/checkpoint").glob("*.py"))
-        - {ROOT / "src/stalwart/checkpoint/distributed.py"}
+        - {ROOT / "src/stalwart/checkpoint/safe_dcp.py"}
     )
     assert len(files) >= 5  # the rest of the checkpoint package
     for path in files:
@@ -300,7 +314,7 @@ def test_sigint_finishes_the_step_saves_and_reports_the_signal(tmp_path, tiny_da
 
     run = tmp_path / "run"
     cfg = tiny_config(run, tiny_data, "--ckpt.interval", "0")
-    result = train(cfg, progress=False, hooks={"after_step": interrupt})
+    result = train(cfg, progress=False, callbacks=[AfterStep(interrupt)])
     assert result.stop_signal == signal.SIGINT and 3 <= result.step < 20
     assert ck.verify(ck.step_dir(run / "checkpoints", result.step)).ok
 
@@ -373,34 +387,63 @@ def test_async_save_error_surfaces_in_the_training_thread(tmp_path, tiny_data):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
         signal.signal(signal.SIGXFSZ, old_handler)
-    assert trainstate.latest_valid_checkpoint(run).name == "step_00000010"
+    assert latest_valid_checkpoint(run).name == "step_00000010"
     assert ck.temp_dirs(run / "checkpoints") == []
 
 
 # ----------------------------------------------------------------------------------------------
-# The doctor's API: newest valid checkpoint, restore everything into live objects
+# The doctor's API: newest valid checkpoint, restore everything into live objects; the
+# save's NaN guard
 
 
-def test_latest_valid_and_restore_checkpoint_for_rollback(trained, tmp_path, tiny_data):
-    from stalwart.data.loader import BatchLoader, open_dataset
-    from stalwart.health.monitor import build_monitor
-    from stalwart.model.gpt import build_model
-    from stalwart.optim.build import build_optimizer
-    from stalwart.precision import build_precision
-
-    path = trainstate.latest_valid_checkpoint(trained)
-    assert path.name == "step_00000030"
+def _live_parts(tmp_path, tiny_data):
+    """(config, fresh live objects of the tiny model) as a process builds them for a run."""
     cfg = tiny_config(tmp_path, tiny_data)
-    cfg.model.vocab_size = 256
     model = build_model(cfg.model, 256)
     opt = build_optimizer(cfg.optim, model)
     scaler = build_precision("fp32", torch.device("cpu")).scaler
     loader = BatchLoader(open_dataset(tiny_data).train, 32, 8, 1, cfg.run.seed)
-    loop = trainstate.LoopState()
+    monitor = build_monitor(cfg.health)
+    return cfg, trainstate.TrainParts(model, opt, scaler, loader, monitor, trainstate.LoopState())
+
+
+def test_latest_valid_and_restore_checkpoint_for_rollback(trained, tmp_path, tiny_data):
+    path = latest_valid_checkpoint(trained)
+    assert path.name == "step_00000030"
+    _, p = _live_parts(tmp_path, tiny_data)
+    model, loader, loop = p.model, p.loader, p.loop
     state = trainstate.restore_checkpoint(
-        path, model, opt, scaler, loader, build_monitor(cfg.health), loop
+        path, model, p.optimizer, p.scaler, loader, p.monitor, loop
     )
     assert loop.step == 30 and loader.position == 30 and state["threads"] == 1
     saved = load_file(path / "model.safetensors")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert torch.equal(torch.get_rng_state(), state["rng"]["torch"])
+
+
+def test_a_save_of_nan_weights_is_refused_and_returns_why(tmp_path, tiny_data):
+    """No NaN weight reaches a disk: the saver writes nothing and says so in its result (the
+    doctor's Recovery acts on it); a good save goes through the same saver afterwards."""
+    cfg, parts = _live_parts(tmp_path, tiny_data)
+    backend = pick_backend(None, optim=cfg.optim, train=cfg.train, seed=cfg.run.seed)
+    assert isinstance(backend, LocalBackend)
+    run = tmp_path / "run"
+    saver = CheckpointSaver(cfg.ckpt, run, parts, backend, config=to_dict(cfg), say=print)
+    records = []
+    saver.attach_log(type("Log", (), {"write": lambda self, r: records.append(r)})())
+    good = parts.model.transformer.wpe.weight[0, 0].item()
+    with torch.no_grad():
+        parts.model.transformer.wpe.weight[0, 0] = float("nan")
+    parts.loop.step = 10
+    outcome = saver.maybe_save(10, force=True)
+    assert outcome.due and outcome.refused and outcome.step == 10
+    assert outcome.nonfinite == ["transformer.wpe.weight"]
+    assert "1 weight tensors hold NaN/Inf (transformer.wpe.weight); not saved" == outcome.evidence
+    assert ck.step_dirs(run / "checkpoints") == [] and records == []
+    assert not saver.maybe_save(11).due  # nothing due: nothing done
+    with torch.no_grad():
+        parts.model.transformer.wpe.weight[0, 0] = good
+    outcome = saver.maybe_save(10, force=True)
+    assert outcome.due and not outcome.refused
+    assert ck.verify(ck.step_dir(run / "checkpoints", 10)).ok
+    assert [r["event"] for r in records] == ["checkpoint"] and saver.last_good.name.endswith("10")

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from stalwart import parallel
-from stalwart.checkpoint import distributed as dist_checkpoint
 from stalwart.checkpoint import format as ck
-from stalwart.config import ParallelConfig
+from stalwart.checkpoint.backend import DistributedBackend, LocalBackend, pick_backend
+from stalwart.checkpoint.safe_dcp import load_shards
+from stalwart.config import OptimConfig, ParallelConfig, TrainConfig
 from stalwart.errors import UserError
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -58,7 +59,7 @@ def test_dcp_metadata_of_a_real_save_is_read_and_a_forged_one_never_runs(tmp_pat
     state = {"optim": {"w": {"exp_avg": torch.arange(6.0).reshape(2, 3)}}}
     dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path / "ok"))
     target = {"optim": {"w": {"exp_avg": torch.zeros(2, 3)}}}
-    dist_checkpoint._dcp_load(target, tmp_path / "ok")  # the restricted reader accepts DCP's own
+    load_shards(target, tmp_path / "ok")  # the restricted reader accepts DCP's own
     assert torch.equal(target["optim"]["w"]["exp_avg"], state["optim"]["w"]["exp_avg"])
 
     marker = tmp_path / "pwned"
@@ -71,5 +72,23 @@ def test_dcp_metadata_of_a_real_save_is_read_and_a_forged_one_never_runs(tmp_pat
     forged.mkdir()
     (forged / ".metadata").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(ck.CheckpointUnreadable, match="cannot be read safely"):
-        dist_checkpoint._dcp_load(target, forged)
+        load_shards(target, forged)
     assert not marker.exists()
+
+
+def test_the_checkpoint_backend_is_chosen_once_from_the_context():
+    facts = {"optim": OptimConfig(), "train": TrainConfig(), "seed": 0}
+    assert isinstance(pick_backend(None, **facts), LocalBackend)
+    assert isinstance(pick_backend(parallel.DistContext(), **facts), LocalBackend)
+    # any torchrun launch, even of one process: every rank takes part in every save
+    one_fsdp = parallel.DistContext(mode="fsdp")
+    two_ddp = parallel.DistContext(world_size=2, mode="ddp")
+    assert isinstance(pick_backend(one_fsdp, **facts), DistributedBackend)
+    assert isinstance(pick_backend(two_ddp, **facts), DistributedBackend)
+    assert not pick_backend(parallel.DistContext(rank=1, world_size=2), **facts).is_main
+
+
+def test_collectives_of_one_process_are_the_identity():
+    ctx = parallel.DistContext()
+    assert parallel.any_rank(True, ctx) is True and parallel.any_rank(False, ctx) is False
+    parallel.barrier(ctx)  # returns at once

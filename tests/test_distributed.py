@@ -313,3 +313,26 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(runs):
     saved = ck.step_dir(runs["term"] / "checkpoints", step)
     assert ck.verify(saved).ok
     assert [p.name for p in ck.step_dirs(runs["term"] / "checkpoints")] == [saved.name]
+
+
+COLLECTIVES = """
+from stalwart import parallel
+from stalwart.config import ParallelConfig
+
+ctx = parallel.init(ParallelConfig(mode="ddp"), "cpu")
+late = parallel.any_rank(ctx.rank == 1, ctx)  # only rank 1's clock says a save is due
+never = parallel.any_rank(False, ctx)
+parallel.barrier(ctx)
+print(f"rank {ctx.rank}: {late} {never}", flush=True)
+parallel.shutdown(ctx)
+"""
+
+
+def test_every_rank_agrees_when_any_rank_says_a_timed_save_is_due(tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(script)]  # fmt: skip
+    run_torchrun(cmd, tmp_path / "collectives.log", timeout=120)
+    out = (tmp_path / "collectives.log").read_text()
+    assert "rank 0: True False" in out and "rank 1: True False" in out, out[-2000:]

@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from stalwart.checkpoint.backend import nonfinite_tensors
+from stalwart.checkpoint.saver import SaveResult
 from stalwart.config import HealthConfig
 from stalwart.data.prepare import prepare
 from stalwart.health.detectors import (
@@ -24,8 +26,8 @@ from stalwart.health.detectors import (
     robust_center,
     throughput_evidence,
 )
-from stalwart.health.monitor import HealthMonitor, checkpoint_is_safe, nonfinite_tensors
-from stalwart.health.recovery import inspect_tokens
+from stalwart.health.monitor import HealthMonitor
+from stalwart.health.recovery import Recovery, inspect_tokens
 from stalwart.logs.metrics import read_metrics
 from stalwart.model.gpt import build_model
 from stalwart.train import train
@@ -119,17 +121,38 @@ def test_monitor_state_dict_is_exact_and_json_safe():
     assert a.state_dict() == b.state_dict()
 
 
+def _medic(cfg: HealthConfig) -> Recovery:
+    log = type("Log", (), {"write": lambda self, r: None})()
+    return Recovery(cfg, HealthMonitor(cfg), None, None, None, 0, log, print, lambda s: None)
+
+
 def test_nan_guard_for_saves():
     cfg = HealthConfig()
-    mon = HealthMonitor(cfg)
     good = {"w": torch.ones(3, 3), "step": torch.tensor(3)}
     bad = {"w": torch.ones(3, 3), "b": torch.tensor([1.0, float("inf")])}
-    assert checkpoint_is_safe(good, mon, 10) and checkpoint_is_safe(good)
-    assert not checkpoint_is_safe(bad)
-    assert not checkpoint_is_safe(bad, mon, 10)
-    v = mon.check_step(11, 3.0, 1.0)  # the refusal is reported, and the next step rolls back
+    medic = _medic(cfg)
+    step_10 = [Path("step_00000010")]
+    assert not nonfinite_tensors(good)
+    medic.after_save(SaveResult(10, step_10, nonfinite_tensors(good)))  # a save went through
+    assert medic.forced_verdict(11) is None
+    assert nonfinite_tensors(bad) == ["b"]
+    medic.after_save(SaveResult(10, step_10, nonfinite_tensors(bad)))  # refused: returned
+    v = medic.forced_verdict(11)  # the refusal is reported, and the next step rolls back
     assert v.action == "rollback" and v.diagnoses[0]["symptom"] == "nonfinite_weights"
     assert "b" in v.diagnoses[0]["evidence"]
+    assert v.since == 10 and v.diagnoses[0]["step"] == 10 and v.notes
+    assert medic.forced_verdict(12) is None  # once
+    assert medic.monitor.fired["nonfinite_weights"]["count"] == 1  # in the monitor's state
+
+
+def test_a_refused_save_stops_the_run_when_nan_is_ignored_and_finish_reports_it():
+    for cfg in (HealthConfig(on_nan="ignore"), HealthConfig(enabled=False)):
+        medic = _medic(cfg)
+        medic.after_save(SaveResult(30, [Path("step_00000030")], ["w"]))
+        # the last step: no next step to act on it; the end of the run reports it and stops
+        stop = medic.finish()
+        assert stop["symptom"] == "nonfinite_weights" and stop["action"] == "stop"
+        assert medic.forced_verdict(31) is None and medic.finish() is stop
 
 
 def test_inspect_tokens_names_ids_and_embedding_rows():

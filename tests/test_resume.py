@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from stalwart.checkpoint import format as ck
+from stalwart.checkpoint.resume import latest_valid_checkpoint
 from stalwart.cli import main as cli_main
 from stalwart.logs.metrics import read_metrics
 from stalwart.train import train
@@ -109,8 +110,6 @@ def assert_same_run(run: Path, ref: Path, step: int) -> None:
 
 
 def newest_valid(run_dir: Path) -> str:
-    from stalwart.checkpoint.state import latest_valid_checkpoint
-
     return latest_valid_checkpoint(run_dir).name
 
 

@@ -1,6 +1,6 @@
 """Checkpoints of a distributed run, and resuming any checkpoint under any parallel mode.
 
-One layout for every mode (checkpoint.py's, plus `dcp/` under FSDP):
+One layout for every mode (format.py's, plus `dcp/` under FSDP):
     model.safetensors   the full weights (FSDP: gathered to rank 0), so sample/export just work
     state.safetensors   every other tensor; under FSDP the optimizer moments are in dcp/ instead
     state.json          the rest, with `dist` (mode, world size, global batch) and `rng_rank{R}`:
@@ -19,23 +19,28 @@ same on every rank. What cannot be identical after a world-size change is said i
 record: the per-rank RNG streams (they only drive dropout), and the data order if
 micro_batch x grad_accum x world_size changed.
 
-Safety: DCP's `.metadata` is a pickle; it is read with an unpickler that admits only DCP's own
-metadata classes, and the shards hold tensors only (read by torch.load(weights_only=True)).
+Safety: DCP's `.metadata` is a pickle; safe_dcp.py reads it with an unpickler that admits only
+DCP's own metadata classes, and refuses shards that hold anything but tensors.
+
+torch.distributed.checkpoint is imported inside the functions that use it: it takes ~0.4 s to
+import, and most runs (one process, DDP) never do.
 """
 
 from __future__ import annotations
 
-import pickle
 import random
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from stalwart import parallel
 from stalwart.checkpoint import format as ck
 from stalwart.checkpoint import state as trainstate
+from stalwart.checkpoint.safe_dcp import load_shards
+from stalwart.config import OptimConfig, TrainConfig
+from stalwart.optim.build import build_optimizer, param_groups
 
 SHARDS = "dcp"
 
@@ -44,9 +49,12 @@ SHARDS = "dcp"
 # Saving
 
 
-def save(final, cfg, model, opt, scaler, loader, monitor, loop, extra, info, ctx, extra_files=None):
-    """Write one checkpoint of a distributed run (call on every rank). `model` is the unwrapped
-    module (FSDP: the sharded one); `extra` goes into the state, `info` into the manifest."""
+def save(
+    final, config, model, opt, scaler, loader, monitor, loop, extra, info, ctx, extra_files=None
+):
+    """Write one checkpoint of a distributed run (call on every rank). `config`: the run's
+    config as a dict; `model` is the unwrapped module (FSDP: the sharded one); `extra` goes
+    into the state, `info` into the manifest."""
     final = Path(final)
     extra = {
         **extra,
@@ -59,17 +67,18 @@ def save(final, cfg, model, opt, scaler, loader, monitor, loop, extra, info, ctx
     }
     if ctx.mode == "fsdp":
         _save_sharded(
-            final, cfg, model, opt, scaler, loader, monitor, loop, extra, info, ctx, extra_files
+            final, config, model, opt, scaler, loader, monitor, loop, extra, info, ctx, extra_files
         )
     else:
         if ctx.mode == "zero1":
             opt.consolidate_state_dict(to=0)  # collective: the whole optimizer state on rank 0
         if ctx.is_main:
             model_state, state = trainstate.capture(
-                cfg, model, opt, scaler, loader, monitor, loop, extra
+                config, model, opt, scaler, loader, monitor, loop, extra
             )
             ck.write_checkpoint(final, model_state, state, info, extra_files)
-    _barrier(ctx)  # nobody moves on (or rotates, or is killed) before the checkpoint is whole
+    # nobody moves on (or rotates, or is killed) before the checkpoint is whole
+    parallel.barrier(ctx)
     return final
 
 
@@ -92,7 +101,9 @@ def _split_optimizer_state(state: dict) -> tuple[dict, dict]:
     return tensors, rest
 
 
-def _save_sharded(final, cfg, model, opt, scaler, loader, monitor, loop, extra, info, ctx, files):
+def _save_sharded(
+    final, config, model, opt, scaler, loader, monitor, loop, extra, info, ctx, files
+):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -120,7 +131,7 @@ def _save_sharded(final, cfg, model, opt, scaler, loader, monitor, loop, extra, 
     if not ctx.is_main:
         write_shards(None)
         return
-    _, state = trainstate.capture(cfg, model, opt, scaler, loader, monitor, loop, extra)
+    _, state = trainstate.capture(config, model, opt, scaler, loader, monitor, loop, extra)
     state["optimizer"] = {"param_groups": osd["param_groups"], "state": others, "sharded": True}
     snap = ck.snapshot(full, state)
     ck.write_snapshot(final, snap, info, files, before_commit=write_shards)
@@ -130,74 +141,9 @@ def _save_sharded(final, cfg, model, opt, scaler, loader, monitor, loop, extra, 
 # Loading
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's .metadata, without letting a forged file name any other class (no code runs)."""
-
-    _ALLOWED = {
-        ("torch", "Size"),
-        ("pathlib", "PosixPath"),
-        ("pathlib", "WindowsPath"),
-        ("torch.serialization", "_get_layout"),
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    }
-
-    def find_class(self, module: str, name: str):
-        ok = (module, name) in self._ALLOWED or module == "torch.distributed.checkpoint.metadata"
-        ok = ok or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-        if not ok:
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
-        return super().find_class(module, name)
-
-
-def _reader(path: Path):
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class SafeReader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            try:
-                with open(Path(path) / ".metadata", "rb") as f:
-                    metadata = _MetadataUnpickler(f).load()
-            except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-                raise ck.CheckpointUnreadable(
-                    f"{path}/.metadata cannot be read safely ({e}): use another checkpoint"
-                ) from None
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeReader(path)
-
-
-def _dcp_load(state_dict: dict, path: Path) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
-    class TensorsOnly(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value):
-            raise ck.CheckpointUnreadable(f"{path} holds a pickled object: not a stalwart shard")
-
-    try:
-        with warnings.catch_warnings():  # one process loading shards is what we mean to do
-            warnings.filterwarnings(
-                "ignore", message=".*assuming the intent is to load in a single"
-            )
-            dcp.load(state_dict, storage_reader=_reader(path), planner=TensorsOnly())
-    except dcp.api.CheckpointException as e:  # every rank's failure, tracebacks included
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        ours = [ln for ln in lines if "use another checkpoint" in ln]
-        reason = (ours or lines or ["unknown error"])[-1]
-        raise ck.CheckpointUnreadable(
-            f"the shards in {path} cannot be loaded ({reason[-300:]}); use another checkpoint"
-        ) from None
-
-
-def _param_names(cfg, model) -> list[str]:
+def _param_names(optim: OptimConfig, model) -> list[str]:
     """Parameter names in the optimizer's order (index i of an id-keyed state dict)."""
-    from stalwart.optim.build import param_groups
-
-    return [n for g in param_groups(model, cfg.optim.weight_decay) for n in g["names"]]
+    return [n for g in param_groups(model, optim.weight_decay) for n in g["names"]]
 
 
 def _to_fqn(osd: dict, names: list[str]) -> dict:
@@ -209,7 +155,7 @@ def _to_fqn(osd: dict, names: list[str]) -> dict:
     }
 
 
-def _load_optimizer(path, saved, model, opt, cfg, ctx) -> dict:
+def _load_optimizer(path, saved, model, opt, optim: OptimConfig, ctx) -> dict:
     """This run's optimizer state in its own format (what opt.load_state_dict takes)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -220,17 +166,15 @@ def _load_optimizer(path, saved, model, opt, cfg, ctx) -> dict:
     if not saved.get("sharded"):  # a full, index-keyed optimizer state (1 process, DDP, ZeRO-1)
         if ctx.mode != "fsdp":
             return saved  # ZeroRedundancyOptimizer.load_state_dict takes the full one too
-        full = _to_fqn(saved, _param_names(cfg, model))
+        full = _to_fqn(saved, _param_names(optim, model))
         set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))
         return opt.state_dict()
     target = opt
     if ctx.mode == "zero1":  # a plain optimizer to load into; its full state feeds ZeRO
-        from stalwart.optim.build import build_optimizer
-
-        target = build_optimizer(cfg.optim, model)
+        target = build_optimizer(optim, model)
     osd = get_optimizer_state_dict(model, target)
     moments, _ = _split_optimizer_state(osd["state"])
-    _dcp_load({"optim": moments}, Path(path) / SHARDS)
+    load_shards({"optim": moments}, Path(path) / SHARDS)
     for fqn, entries in saved["state"].items():
         osd["state"].setdefault(fqn, {}).update(entries)
     osd["param_groups"] = saved["param_groups"]
@@ -250,7 +194,7 @@ def _load_model(path, model_state, model, ctx) -> None:
 
     if (Path(path) / SHARDS).is_dir():  # shard to shard: every rank reads only what it holds
         msd = get_model_state_dict(model)
-        _dcp_load({"model": msd}, Path(path) / SHARDS)
+        load_shards({"model": msd}, Path(path) / SHARDS)
         set_model_state_dict(model, msd)
     else:  # every rank has the full weights (model.safetensors): keep its slice
         opts = StateDictOptions(full_state_dict=True, strict=False)  # lm_head is wte (tied)
@@ -277,17 +221,30 @@ def _own_rng(state: dict, seed: int, ctx) -> bool:
     return False
 
 
-def restore(path, model_state: dict, state: dict, model, opt, cfg, ctx) -> list[str]:
+def restore(
+    path,
+    model_state: dict,
+    state: dict,
+    model,
+    opt,
+    ctx,
+    *,
+    optim: OptimConfig,
+    train: TrainConfig,
+    seed: int,
+) -> list[str]:
     """Load the weights into `model` (unwrapped; FSDP: sharded) and make `state` ready for
-    trainstate.restore on this rank: the optimizer state in this run's own layout, this rank's
-    RNG. Every rank calls it. Returns what differs from the saved run, for the resume record."""
+    state.restore on this rank: the optimizer state in this run's own layout, this rank's
+    RNG. Every rank calls it (one process too: any layout loads). `optim`, `train`, `seed`:
+    this run's (parameter order, the global batch, a fresh RNG stream for a new rank).
+    Returns what differs from the saved run, for the resume record."""
     _load_model(path, model_state, model, ctx)
-    state["optimizer"] = _load_optimizer(path, state["optimizer"], model, opt, cfg, ctx)
-    _own_rng(state, cfg.run.seed, ctx)
-    return _resume_notes(state.get("dist"), state["config"], cfg, ctx)
+    state["optimizer"] = _load_optimizer(path, state["optimizer"], model, opt, optim, ctx)
+    _own_rng(state, seed, ctx)
+    return _resume_notes(state.get("dist"), state["config"], train, ctx)
 
 
-def _resume_notes(saved: dict | None, saved_cfg: dict, cfg, ctx) -> list[str]:
+def _resume_notes(saved: dict | None, saved_cfg: dict, train: TrainConfig, ctx) -> list[str]:
     saved = saved or {"mode": "none", "world_size": 1}
     old_w, new_w = saved["world_size"], ctx.world_size
     notes = []
@@ -312,7 +269,7 @@ def _resume_notes(saved: dict | None, saved_cfg: dict, cfg, ctx) -> list[str]:
             t = saved_cfg["train"]
             if isinstance(t["micro_batch"], int):
                 old_batch = t["micro_batch"] * t["grad_accum"] * old_w
-        new_batch = _global_batch(cfg, ctx)
+        new_batch = _global_batch(train, ctx)
         if old_batch is not None and new_batch is not None and old_batch != new_batch:
             notes.append(
                 f"data order: the global batch changed from {old_batch} to {new_batch} "
@@ -327,19 +284,6 @@ def _resume_notes(saved: dict | None, saved_cfg: dict, cfg, ctx) -> list[str]:
     return notes
 
 
-def _global_batch(cfg, ctx) -> int | None:
-    mb = cfg.train.micro_batch
-    return mb * cfg.train.grad_accum * ctx.world_size if isinstance(mb, int) else None
-
-
-def restore_checkpoint(path, model, opt, scaler, loader, monitor, loop, cfg, ctx, check=True):
-    """trainstate.restore_checkpoint for any layout under any mode: (state, notes)."""
-    model_state, state = ck.read_checkpoint(path, check=check)
-    notes = restore(path, model_state, state, model, opt, cfg, ctx)
-    trainstate.restore(state, opt, scaler, loader, monitor, loop)
-    return state, notes
-
-
-def _barrier(ctx) -> None:
-    if ctx.world_size > 1 and dist.is_initialized():
-        dist.barrier()
+def _global_batch(train: TrainConfig, ctx) -> int | None:
+    mb = train.micro_batch
+    return mb * train.grad_accum * ctx.world_size if isinstance(mb, int) else None

@@ -180,7 +180,8 @@ def write_snapshot(
     before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write one checkpoint directory atomically. `info` goes into the manifest (step, val...);
-    `extra_files` (name -> source path) are copied in; `before_commit(tmp)` is a test hook."""
+    `extra_files` (name -> source path) are copied in; `before_commit(tmp)` runs once the files
+    are written, before the manifest (distributed.py: FSDP's shards; the debug save pause)."""
     final = Path(final)
     with staging(final) as tmp:
         known = {

@@ -1,4 +1,4 @@
-"""The resume side of checkpointing, as plain functions the CheckpointManager calls: which
+"""The resume side of checkpointing, as plain functions (resumer.py's Resumer calls them): which
 checkpoint to restore, the thread count, the continuity self-check, and checkpoints newer than
 the one restored (a discarded future) set aside."""
 
@@ -7,31 +7,103 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from stalwart.checkpoint import format as ck
-from stalwart.checkpoint import state as trainstate
 from stalwart.errors import UserError
 
+# ----------------------------------------------------------------------------------------------
+# Which checkpoint
 
-def choose_checkpoint(run_dir: Path, mode: str, say) -> tuple[Path, dict, dict] | None:
-    """(path, model state, state) that run.resume selects; None for a fresh start. In auto mode
-    a checkpoint that verifies but cannot be parsed (forged, foreign) is skipped too."""
+
+def resume_candidates(ckpt_root: Path) -> list[Path]:
+    """step_* and best/ (a full state too), newest step first; a step_ dir before best/ on a tie."""
+    dirs = [(ck.step_of(p), 1, p) for p in ck.step_dirs(ckpt_root)]
+    best = Path(ckpt_root) / "best"
+    if best.is_dir():
+        dirs.append((ck.manifest_step(best) or -1, 0, best))
+    return [p for _, _, p in sorted(dirs, key=lambda t: (t[0], t[1]), reverse=True)]
+
+
+def valid_checkpoints(ckpt_root: Path, report=None) -> Iterator[Path]:
+    """Verified checkpoints, newest first; `report(text)` hears about each one skipped."""
+    for path in resume_candidates(ckpt_root):
+        info = ck.verify(path)
+        if info.ok:
+            yield path
+        elif report is not None:
+            report(f"checkpoint {path.name} is not usable ({info.problem}); trying an older one")
+
+
+def latest_valid_checkpoint(run_dir: Path, report=None) -> Path | None:
+    """The newest checkpoint of a run that passes verification."""
+    return next(valid_checkpoints(Path(run_dir) / "checkpoints", report), None)
+
+
+class Chosen(NamedTuple):
+    """A checkpoint selected for a resume, read (verified, never unpickled)."""
+
+    path: Path
+    model_state: dict
+    state: dict
+
+
+def select_checkpoint(run_dir: Path, mode: str, say: Callable[[str], None]) -> Chosen | None:
+    """The checkpoint that run.resume selects, read; None for a fresh start.
+
+    auto: the newest valid checkpoint of `run_dir` (none at all: a fresh start; some, but none
+    usable: refused). never: none (refused if `run_dir` holds checkpoints). PATH: that
+    checkpoint directory, or the newest valid checkpoint of that run directory. A checkpoint
+    that verifies but cannot be parsed (forged, foreign) is skipped for an older one."""
     root = Path(run_dir) / "checkpoints"
-    if mode != "auto":
-        path = trainstate.find_resume_checkpoint(run_dir, mode, say)
-        return None if path is None else (path, *ck.read_checkpoint(path, check=False))
-    for path in trainstate.valid_checkpoints(root, say):
+    if mode == "never":
+        if resume_candidates(root):
+            raise UserError(
+                f"{run_dir} already holds checkpoints and --run.resume is never: "
+                "choose a new --run.dir or resume with --run.resume auto"
+            )
+        return None
+    if mode == "auto":
+        chosen = _newest_readable(root, say)
+        if chosen is None and resume_candidates(root):
+            raise _none_valid_error(run_dir)
+        return chosen
+    path = Path(mode)
+    if not (path / ck.MANIFEST).is_file() and (path / "checkpoints").is_dir():
+        chosen = _newest_readable(path / "checkpoints", say)
+        if chosen is None:
+            raise UserError(f"--run.resume {path}: that run holds no valid checkpoint")
+        return chosen
+    info = ck.verify(path)
+    if not info.ok:
+        raise UserError(f"--run.resume {path}: {info.problem}; pick another checkpoint")
+    return Chosen(path, *ck.read_checkpoint(path, check=False))
+
+
+def _newest_readable(ckpt_root: Path, say: Callable[[str], None]) -> Chosen | None:
+    for path in valid_checkpoints(ckpt_root, say):
         try:  # verified just now: read without hashing it all again
-            return (path, *ck.read_checkpoint(path, check=False))
+            return Chosen(path, *ck.read_checkpoint(path, check=False))
         except ck.CheckpointUnreadable as e:
             say(f"{e}; trying an older one")
-    if trainstate.resume_candidates(root):
-        raise trainstate.none_valid_error(run_dir)
     return None
+
+
+def _none_valid_error(run_dir: Path) -> UserError:
+    # Starting from scratch over a run's damaged checkpoints would silently throw away its
+    # progress (and truncate its records): make a person decide.
+    return UserError(
+        f"{Path(run_dir) / 'checkpoints'} holds checkpoints but none is usable (see `stalwart "
+        f"ckpt verify {run_dir}`): repair or move them away, or start a new --run.dir"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The thread count
 
 
 def adopt_threads(saved: int | None, configured: int) -> list[str]:
@@ -46,7 +118,7 @@ def adopt_threads(saved: int | None, configured: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Continuity self-check
+# The continuity self-check
 
 
 def probe_tolerance(saved_precision: str | None, precision: str, loss: float) -> float:
@@ -116,7 +188,7 @@ def set_aside_newer(ckpt_root: Path, step: int, restored: Path) -> list[Path]:
     those a rollback went back past): rename them `abandoned-NAME-TIME` so that a later resume
     cannot pick them up. Nothing is deleted. Returns the new paths."""
     moved = []
-    for path in trainstate.resume_candidates(ckpt_root):
+    for path in resume_candidates(ckpt_root):
         newer = ck.manifest_step(path) if path.name == "best" else ck.step_of(path)
         if path != restored and newer is not None and newer > step:
             dest = Path(ckpt_root) / f"abandoned-{path.name}-{int(time.time())}"

@@ -3,13 +3,13 @@
 Model, optimizer, GradScaler, loop counters, loader position, health monitor, every RNG, the
 resolved config and the thread count (CPU matmul results depend on it). Anything left out would
 make a resumed run start from a subtly different state (the lesson's checkpoint table).
+`TrainParts` names the live objects that hold it; `capture` takes it, `restore` puts it back.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from stalwart.checkpoint import format as ck
-from stalwart.config import Config, to_dict
 from stalwart.errors import UserError
 
 
@@ -33,6 +32,18 @@ class LoopState:
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.tokens, self.best_val = int(d["step"]), int(d["tokens"]), d["best_val"]
+
+
+@dataclass
+class TrainParts:
+    """The live objects whose state a checkpoint holds (model: the unwrapped module)."""
+
+    model: torch.nn.Module
+    optimizer: Any
+    scaler: Any
+    loader: Any
+    monitor: Any
+    loop: LoopState
 
 
 def capture_rng() -> dict[str, Any]:
@@ -66,9 +77,10 @@ def seed_everything(seed: int) -> None:
 
 
 def capture(
-    cfg: Config, model, opt, scaler, loader, monitor, loop: LoopState, extra: dict | None = None
+    config: dict, model, opt, scaler, loader, monitor, loop: LoopState, extra: dict | None = None
 ) -> tuple[dict, dict]:
-    """(model state dict, everything else) for a checkpoint."""
+    """(model state dict, everything else) for a checkpoint. `config`: the run's resolved
+    config as a dict (config.to_dict), stored so that a resume can check what changed."""
     state = {
         "loop": loop.state_dict(),
         "optimizer": opt.state_dict(),
@@ -76,7 +88,7 @@ def capture(
         "loader": loader.state_dict(),
         "health": monitor.state_dict(),
         "rng": capture_rng(),
-        "config": to_dict(cfg),
+        "config": config,
         "threads": torch.get_num_threads(),
         **(extra or {}),
     }
@@ -106,11 +118,9 @@ _IMMUTABLE = [
 ]
 
 
-def check_compatible(
-    saved: dict, cfg: Config, data_meta: dict, saved_meta: dict | None
-) -> list[str]:
-    """Refuse a resume that cannot continue the same run; return the allowed changes made."""
-    now = to_dict(cfg)
+def check_compatible(saved: dict, now: dict, data_meta: dict, saved_meta: dict | None) -> list[str]:
+    """Refuse a resume that cannot continue the same run; return the allowed changes made.
+    `saved`, `now`: the checkpoint's config and this run's, as dicts (config.to_dict)."""
     for sec, key in _IMMUTABLE:
         if saved[sec][key] != now[sec][key]:
             raise UserError(
@@ -140,30 +150,6 @@ def check_compatible(
     return changes
 
 
-def resume_candidates(ckpt_root: Path) -> list[Path]:
-    """step_* and best/ (a full state too), newest step first; a step_ dir before best/ on a tie."""
-    dirs = [(ck.step_of(p), 1, p) for p in ck.step_dirs(ckpt_root)]
-    best = Path(ckpt_root) / "best"
-    if best.is_dir():
-        dirs.append((ck.manifest_step(best) or -1, 0, best))
-    return [p for _, _, p in sorted(dirs, key=lambda t: (t[0], t[1]), reverse=True)]
-
-
-def valid_checkpoints(ckpt_root: Path, report=None) -> Iterator[Path]:
-    """Verified checkpoints, newest first; `report(text)` hears about each one skipped."""
-    for path in resume_candidates(ckpt_root):
-        info = ck.verify(path)
-        if info.ok:
-            yield path
-        elif report is not None:
-            report(f"checkpoint {path.name} is not usable ({info.problem}); trying an older one")
-
-
-def latest_valid_checkpoint(run_dir: Path, report=None) -> Path | None:
-    """The newest checkpoint of a run that passes verification (rollback and resume use it)."""
-    return next(valid_checkpoints(Path(run_dir) / "checkpoints", report), None)
-
-
 def restore_checkpoint(
     path: Path, model, opt, scaler, loader, monitor, loop: LoopState, check: bool = True
 ) -> dict:
@@ -173,40 +159,3 @@ def restore_checkpoint(
     ck.load_model_state(model, model_state)
     restore(state, opt, scaler, loader, monitor, loop)
     return state
-
-
-def find_resume_checkpoint(run_dir: Path, resume: str, report) -> Path | None:
-    """The checkpoint to resume from: newest *valid* one (auto), none (never), or a PATH
-    (a checkpoint directory, or another run directory: its newest valid checkpoint)."""
-    root = Path(run_dir) / "checkpoints"
-    if resume == "never":
-        if resume_candidates(root):
-            raise UserError(
-                f"{run_dir} already holds checkpoints and --run.resume is never: "
-                "choose a new --run.dir or resume with --run.resume auto"
-            )
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        if not (path / ck.MANIFEST).is_file() and (path / "checkpoints").is_dir():
-            found = latest_valid_checkpoint(path, report)
-            if found is None:
-                raise UserError(f"--run.resume {path}: that run holds no valid checkpoint")
-            return found
-        info = ck.verify(path)
-        if not info.ok:
-            raise UserError(f"--run.resume {path}: {info.problem}; pick another checkpoint")
-        return path
-    found = latest_valid_checkpoint(run_dir, report)
-    if found is None and resume_candidates(root):
-        raise none_valid_error(run_dir)
-    return found
-
-
-def none_valid_error(run_dir: Path) -> UserError:
-    # Starting from scratch over a run's damaged checkpoints would silently throw away its
-    # progress (and truncate its records): make a person decide.
-    return UserError(
-        f"{Path(run_dir) / 'checkpoints'} holds checkpoints but none is usable (see `stalwart "
-        f"ckpt verify {run_dir}`): repair or move them away, or start a new --run.dir"
-    )

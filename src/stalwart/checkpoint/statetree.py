@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 TIED = "lm_head.weight"  # == transformer.wte.weight; safetensors refuses shared storage
@@ -67,8 +68,6 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if "__float__" in obj:
             return float(obj["__float__"])
         if "__array__" in obj:
-            import numpy as np
-
             return np.asarray(obj["__array__"], dtype=obj["dtype"])
         return {k: unflatten(v, tensors) for k, v in obj.items()}
     if isinstance(obj, list):

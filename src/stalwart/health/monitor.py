@@ -16,8 +16,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
+# the save path's NaN guard lives in checkpoint/backend.py (nonfinite_tensors); doctor.py uses it
 from stalwart.config import HealthConfig
 from stalwart.health.detectors import PLAYBOOK, diagnosis, robust_center
 from stalwart.health.trends import TrendDetectors
@@ -35,39 +34,17 @@ class Verdict:
     since: int | None = None  # first step of the trouble: a rollback target must predate it
 
 
-def nonfinite_tensors(tensors: dict) -> list[str]:
-    """Names of the floating-point tensors that hold NaN/Inf. The save path calls this before
-    writing: no NaN weight ever reaches a checkpoint. One host sync per device, per save."""
-    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
-            by_device.setdefault(t.device, []).append((name, t))
-    bad = []
-    for items in by_device.values():
-        # max and min propagate NaN and show +-Inf: two reductions per tensor, no tensor-sized
-        # bool mask (isfinite(t).all() allocated one per weight: seconds per save at 124M)
-        extremes = torch.stack([torch.stack([t.amax(), t.amin()]) for _, t in items])
-        flags = torch.isfinite(extremes).all(dim=1)
-        bad += [items[i][0] for i in (~flags).nonzero().flatten().tolist()]
-    return bad
-
-
 class HealthMonitor:
     def __init__(self, cfg: HealthConfig, grad_clip: float = 0.0):
         self.cfg, self.grad_clip = cfg, grad_clip
         self.load_state_dict({})
-        self._pending = Verdict()  # diagnoses raised outside check_step (a refused save)
-        self._forced: str | None = None
 
     # ---- before the update ----------------------------------------------------------------
 
     def check_step(self, step: int, loss: float, grad_norm: float, scaler_active=False) -> Verdict:
         """Decide about step `step` (counting from 1) *before* the optimizer applies it."""
-        v, self._pending = self._pending, Verdict()
+        v = Verdict()
         self.step = step
-        if self._forced:  # the weights went bad (a refused save): this step cannot help
-            v.action, v.since, self._forced = self._forced, step - 1, None
-            return v
         # fp16: an overflowing gradient with a finite loss is the GradScaler's business (it
         # skips the step and halves the scale), not a health problem
         if not (math.isfinite(loss) and (math.isfinite(grad_norm) or scaler_active)):
@@ -95,7 +72,7 @@ class HealthMonitor:
         evidence += f" ({n} steps in a row)" if n > 1 else ""
         if not self.cfg.enabled or self.cfg.on_nan == "ignore":
             fix = "the update was applied (--health.on_nan ignore): use skip or rollback"
-            self._emit(v, diagnosis("nonfinite", step, evidence, fix=fix, action="none"))
+            self.emit(v, diagnosis("nonfinite", step, evidence, fix=fix, action="none"))
             return
         if step <= self.cfg.early_steps:  # at once: nothing good to roll back to
             symptom, action = "nonfinite_early", "stop" if n >= self.cfg.nan_patience else "skip"
@@ -104,7 +81,7 @@ class HealthMonitor:
             repeated = n >= self.cfg.nan_patience
             action = "rollback" if self.cfg.on_nan == "rollback" or repeated else "skip"
         v.action, v.since = action, self.trouble_since
-        self._emit(v, diagnosis(symptom, step, evidence, action=action))
+        self.emit(v, diagnosis(symptom, step, evidence, action=action))
 
     def _is_spike(self, loss: float) -> bool:
         if len(self.losses) < MIN_HISTORY:
@@ -143,7 +120,7 @@ class HealthMonitor:
                 action=action,
             )
         v.action, v.since = action, self.trouble_since
-        self._emit(v, d)
+        self.emit(v, d)
 
     def _after_restore(self, v: Verdict, step: int, loss: float) -> None:
         r = self._restore
@@ -160,7 +137,7 @@ class HealthMonitor:
                 f"{r['at']}, vs median {r['median']:.4g} (std {r['sigma']:.3g}) of the "
                 f"{r['n']} steps saved with the checkpoint"
             )
-            self._emit(v, diagnosis("diverged_after_restore", step, evidence))
+            self.emit(v, diagnosis("diverged_after_restore", step, evidence))
             self.losses.clear()  # a new level: the old window would call every step a spike
 
     # ---- after the update: the step's record ------------------------------------------------
@@ -174,9 +151,10 @@ class HealthMonitor:
 
     # ---- recording --------------------------------------------------------------------------
 
-    def _emit(self, v, d: dict) -> None:
-        """Every diagnosis is recorded; a person hears of a symptom when it first fires and
-        then at most once per 10 windows of steps (with the count), not on every step."""
+    def emit(self, v: Verdict, d: dict) -> None:
+        """Add diagnosis `d` to verdict `v`. Every diagnosis is recorded; a person hears of a
+        symptom when it first fires and then at most once per 10 windows of steps (with the
+        count), not on every step. (Recovery records a refused save's diagnosis here too.)"""
         v.diagnoses.append(d)
         f = self.fired.setdefault(d["symptom"], {"first": d["step"], "count": 0, "printed": None})
         f["count"] += 1
@@ -191,29 +169,11 @@ class HealthMonitor:
         """The LR multiplier of `step`: health.lr_backoff for a while after a rollback."""
         return self.cfg.lr_backoff if step < self.backoff_until else 1.0
 
-    def safe_to_save(self, model_state: dict, step: int) -> bool:
-        """The save path asks before writing: False (and a critical diagnosis, and a rollback
-        at the next step) when the weights hold NaN/Inf."""
-        bad = nonfinite_tensors(model_state)
-        if not bad:
-            return True
-        evidence = f"{len(bad)} weight tensors hold NaN/Inf ({', '.join(bad[:3])}); not saved"
-        stop = self.cfg.on_nan == "ignore" or not self.cfg.enabled
-        self._forced = "stop" if stop else "rollback"
-        self._emit(
-            self._pending, diagnosis("nonfinite_weights", step, evidence, action=self._forced)
-        )
-        return False
-
-    def take_pending(self) -> Verdict:
-        v, self._pending = self._pending, Verdict()
-        return v
-
     def after_rollback(self, to_step: int) -> None:
         self.counts["rollbacks"] += 1
         self.backoff_until = to_step + self.cfg.backoff_steps
         self.consecutive_nonfinite = self.consecutive_spikes = 0
-        self.trouble_since, self._restore, self._forced = None, None, None
+        self.trouble_since, self._restore = None, None
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -236,7 +196,7 @@ class HealthMonitor:
         self.step = int(d.get("step", 0))
         self.losses = deque(d.get("losses", []), maxlen=w)
         self.trends = TrendDetectors(
-            self.cfg, self.grad_clip, self._emit, lambda s: self.fired.get(s, {}).get("last")
+            self.cfg, self.grad_clip, self.emit, lambda s: self.fired.get(s, {}).get("last")
         )
         self.trends.load_state_dict(d.get("trends", {}))
         self.counts = {"nonfinite": 0, "skipped": 0, "spikes": 0, "rollbacks": 0}
@@ -270,11 +230,3 @@ def format_note(d: dict, count: int = 1) -> str:
 
 def build_monitor(cfg: HealthConfig, grad_clip: float = 0.0) -> HealthMonitor:
     return HealthMonitor(cfg, grad_clip)
-
-
-def checkpoint_is_safe(model_state: dict, monitor=None, step: int = 0) -> bool:
-    """The save path's guard (ckpt_manager calls it before writing): False when the weights
-    hold NaN/Inf. The monitor, if given, records the refusal and rolls back at the next step."""
-    if isinstance(monitor, HealthMonitor):
-        return monitor.safe_to_save(model_state, step)
-    return not nonfinite_tensors(model_state)

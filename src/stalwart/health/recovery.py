@@ -1,13 +1,21 @@
 """Recovery: what the loop does with the doctor's verdicts (record, print, roll back, stop).
 
-health.py decides; this module acts, so the loop needs only a few lines:
-    action = medic.act(monitor.check_step(...), step, batches)
+monitor.py decides; this module acts, so the loop needs only a few lines:
+    verdict = medic.forced_verdict(step) or monitor.check_step(step, ...)
+    action = medic.act(verdict, step, batches)
     # "apply" | "skip" | "rolled_back" (start the step over) | "stop" (end the run cleanly)
-A rollback restores the newest good checkpoint older than the trouble (through the checkpoint
-manager), skips the data window that caused it (the loader's position jumps past the bad
-batch: batches are a pure function of the position), lowers the LR by health.lr_backoff for
+    ...
+    medic.after_save(saver.maybe_save(...))   # a save refused NaN/Inf weights: see below
+A rollback restores the newest good checkpoint older than the trouble (the `restore` it is
+given: checkpoint/resumer.py), skips the data window that caused it (the loader's position
+jumps past the bad batch: batches are a pure function of the position), lowers the LR by health.lr_backoff for
 health.backoff_steps steps, and training goes on. After health.max_rollbacks rollbacks the
 run stops with a critical diagnosis, and `stalwart train` exits with EXIT_HEALTH_STOP.
+
+A save that finds NaN/Inf weights writes nothing (checkpoint/saver.py) and returns that. Then the
+weights are bad whatever the next step shows: `after_save` records the critical diagnosis and
+the next step rolls back (stops, when health is off or health.on_nan is ignore); at the end of
+the run, `finish` reports it and stops with it.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from stalwart.checkpoint.saver import SaveResult
 from stalwart.config import HealthConfig
 from stalwart.health.detectors import diagnosis
 from stalwart.health.monitor import HealthMonitor, Verdict, format_note
@@ -44,6 +53,28 @@ class Recovery:
         self.model, self.vocab = model, vocab_size
         self.log, self.say, self.restore = log, say, restore
         self.stop_diagnosis: dict | None = None  # set when the doctor ends the run
+        # a refused save: its diagnosis, and the action it forces on the next step
+        self._pending = Verdict()
+        self._forced: str | None = None
+
+    def after_save(self, outcome: SaveResult) -> None:
+        """A save refused because the weights hold NaN/Inf: record the critical diagnosis, and
+        make the next step roll back (stop, with health off or health.on_nan ignore)."""
+        if not outcome.refused:
+            return
+        stop = self.cfg.on_nan == "ignore" or not self.cfg.enabled
+        self._forced = "stop" if stop else "rollback"
+        d = diagnosis("nonfinite_weights", outcome.step, outcome.evidence, action=self._forced)
+        self.monitor.emit(self._pending, d)  # counted and rate-limited like any diagnosis
+
+    def forced_verdict(self, step: int) -> Verdict | None:
+        """The verdict a refused save imposed on step `step` (the weights went bad: whatever
+        the step shows, it cannot help), in place of the monitor's; None when there is none."""
+        if self._forced is None:
+            return None
+        verdict, self._pending = self._pending, Verdict()
+        verdict.action, verdict.since, self._forced = self._forced, step - 1, None
+        return verdict
 
     def act(self, verdict: Verdict, step: int, batches=None) -> str:
         """Carry out the monitor's verdict on step `step`; return what the loop does next."""
@@ -150,7 +181,7 @@ class Recovery:
 
     def finish(self) -> dict | None:
         """End of the run: diagnoses still queued (a save refused at the last step)."""
-        pending = self.monitor.take_pending()
+        pending, self._pending, self._forced = self._pending, Verdict(), None
         self.report(pending)
         if self.stop_diagnosis is None and any(d["action"] != "none" for d in pending.diagnoses):
             self.stop_diagnosis = _worst(pending.diagnoses)
