@@ -11,7 +11,7 @@ that load from other processes hits all kinds alike:
   all      as `monitor`, plus one checkpoint in the window (full state, fsync'd, rotated)
 
 Every run does `warmup + window + 1` steps with evaluation off, and the window is timed from the
-`after_step` hook of step `warmup` to that of step `warmup + window`: everything the loop does
+`AfterStep` callback of step `warmup` to that of step `warmup + window`: everything the loop does
 in between, the checkpoint write included, is in it.
 
 The default window is the config's `ckpt.interval` (tiny-cpu: 100 steps), so `all` is exactly
@@ -41,7 +41,7 @@ import torch
 
 from stalwart.config import load_config
 from stalwart.hardware import device_name
-from stalwart.train import train
+from stalwart.train import AfterStep, train
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("off", "monitor", "all")
@@ -73,7 +73,7 @@ def timed_run(cfg_file: str, overrides: list[str], warmup: int, window: int, kin
         ]
         cfg = load_config(cfg_file, flags)
         with contextlib.redirect_stderr(io.StringIO()):  # the progress lines, as a run prints
-            train(cfg, progress=True, hooks={"after_step": after_step})
+            train(cfg, progress=True, callbacks=[AfterStep(after_step)])
         saves = len(list(Path(d, "checkpoints").glob("step_*")))
     (w0, c0), (w1, c1) = marks[warmup], marks[warmup + window]
     out = {"wall": w1 - w0, "cpu": c1 - c0, "saves": saves}

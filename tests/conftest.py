@@ -98,7 +98,7 @@ class Crash(Exception):
 def crash_and_resume(tmp_path: Path, data_dir: Path, *overrides: str, crash_after: int = 13):
     """Train the tiny config uninterrupted (`full/`), then again (`part/`) crashing after step
     `crash_after` and resuming from its last checkpoint. Returns both runs' results."""
-    from stalwart.train import train
+    from stalwart.train import AfterStep, train
 
     full = train(tiny_config(tmp_path / "full", data_dir, *overrides), progress=False)
 
@@ -110,7 +110,7 @@ def crash_and_resume(tmp_path: Path, data_dir: Path, *overrides: str, crash_afte
         train(
             tiny_config(tmp_path / "part", data_dir, *overrides),
             progress=False,
-            hooks={"after_step": crash},
+            callbacks=[AfterStep(crash)],
         )
     resumed = train(tiny_config(tmp_path / "part", data_dir, *overrides), progress=False)
     return full, resumed

@@ -95,7 +95,7 @@ def test_without_a_cxx_compiler_it_falls_back_to_torch(tmp_path):
     stderr, and the result is torch's kernel, bit for bit."""
     code = (
         "import torch, torch.nn.functional as F\n"
-        "from stalwart.kernels import gelu_tanh\n"
+        "from stalwart.model.kernels import gelu_tanh\n"
         "x = torch.randn(64, 33)\n"
         "assert torch.equal(gelu_tanh(x, fused=True), F.gelu(x, approximate='tanh'))\n"
         "print('ok')\n"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stalwart.logs.metrics import read_metrics
-from stalwart.train import train
+from stalwart.train import AfterStep, train
 from tests.conftest import Crash, tiny_config
 
 TRAIN_FIELDS = {
@@ -79,10 +79,8 @@ def test_accumulation_equals_one_big_batch(tmp_path, tiny_data):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=n)
 
 
-def test_forgetting_the_division_changes_training(tmp_path, tiny_data, monkeypatch):
+def test_forgetting_the_division_changes_training(tmp_path, tiny_data):
     """The check above can fail: without `/ grad_accum` the gradient is 4x too large."""
-    import stalwart.train as T
-
     common = (
         "--train.max_steps",
         "3",
@@ -109,8 +107,6 @@ def test_forgetting_the_division_changes_training(tmp_path, tiny_data, monkeypat
         ),
         progress=False,
     )
-    real = T.forward_backward
-    monkeypatch.setattr(T, "forward_backward", lambda m, b, p, accum, ctx: real(m, b, p, 1, ctx))
     bug = train(
         tiny_config(
             tmp_path / "b",
@@ -122,6 +118,8 @@ def test_forgetting_the_division_changes_training(tmp_path, tiny_data, monkeypat
             "4",
             "--optim.name",
             "sgd",
+            "--debug.forget_accum_division",
+            "true",
         ),
         progress=False,
     )
@@ -173,7 +171,7 @@ def test_resume_continues_exactly(tmp_path, tiny_data):
 
     with pytest.raises(Crash):
         train(
-            tiny_config(tmp_path / "part", tiny_data), progress=False, hooks={"after_step": crash}
+            tiny_config(tmp_path / "part", tiny_data), progress=False, callbacks=[AfterStep(crash)]
         )
     resumed = train(
         tiny_config(tmp_path / "part", tiny_data, "--train.eval_batches", "3"), progress=False
@@ -203,7 +201,7 @@ def test_gpt2_124m_recipe_plans_and_runs_at_reduced_batch(tmp_path, tiny_data):
     """The GPT-2 small recipe at full shape (124M parameters), a reduced batch of 1 x 128
     tokens, 3 steps on the CPU: it loads, plans, trains and checkpoints."""
     from stalwart.config import load_config
-    from stalwart.memory.planner import training_memory
+    from stalwart.memory.planner import plan_training
 
     args = [
         "--run.dir",
@@ -238,7 +236,7 @@ def test_gpt2_124m_recipe_plans_and_runs_at_reduced_batch(tmp_path, tiny_data):
         "1",
     ]
     cfg = load_config("configs/gpt2-124m.toml", args)
-    plan = training_memory(cfg)
+    plan = plan_training(cfg)
     assert plan.components["weights"] >= 120e6 * 4  # fp32 weights (wpe cut to 128 positions)
     result = train(cfg, progress=False)
     assert result.step == 3

@@ -10,7 +10,7 @@ records (log_interval 1) that the loop writes anyway:
     the last step                    the loop's end-of-run evaluation and save: not timed
 
 On a CPU, peak memory is measured in a fresh process (`--memory-only`, one warm-up step and one
-measured step): the exact method (stalwart.memory.PeakMemory) needs glibc to map every large
+measured step): the exact method (stalwart.memory.measure.PeakMemory) needs glibc to map every large
 block fresh from the start, which makes a CPU step ~30% slower, so it must not touch the timing.
 
 `--compare X` runs the variants of X in one process, one after the other, and prints ratios.
@@ -18,7 +18,6 @@ block fresh from the start, which makes a CPU step ~30% slower, so it must not t
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import statistics
@@ -30,15 +29,17 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from stalwart import parallel
-from stalwart.config import Config, parse_activation_checkpointing, to_toml
+from stalwart.config import Config, to_toml, with_overrides
 from stalwart.errors import UserError
 from stalwart.hardware import describe_peak, device_name
 from stalwart.logs.metrics import PHASES, utilization
+from stalwart.memory.measure import PeakMemory, enable_exact_cpu_peak
+from stalwart.memory.planner import plan_training
 from stalwart.model.gpt import flops_per_token, hardware_flops_per_token
 from stalwart.precision import resolve_precision
+from stalwart.train import Callback, train
 
 MiB = 1024**2
 STATE = ("weights", "gradients", "optimizer")
@@ -47,36 +48,39 @@ STATE = ("weights", "gradients", "optimizer")
 def bench_config(cfg: Config, run_dir: str, total_steps: int) -> Config:
     """The config of a bench run: the same model, data, batch, precision and features, with a
     throwaway run dir, a record every step, and no evaluation or checkpoint until the end."""
-    cfg = copy.deepcopy(cfg)
-    cfg.run.dir, cfg.run.resume = run_dir, "auto"
-    cfg.train.max_steps = total_steps
-    cfg.train.log_interval = 1
-    cfg.train.eval_interval, cfg.train.eval_batches = 0, 1
-    cfg.train.sample_tokens = 0
-    cfg.ckpt.interval, cfg.ckpt.interval_minutes = 0, 0.0
-    cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, total_steps - 1)
-    return cfg
+    return with_overrides(
+        cfg,
+        {
+            "run.dir": run_dir,
+            "run.resume": "auto",
+            "train.max_steps": total_steps,
+            "train.log_interval": 1,
+            "train.eval_interval": 0,
+            "train.eval_batches": 1,
+            "train.sample_tokens": 0,
+            "ckpt.interval": 0,
+            "ckpt.interval_minutes": 0.0,
+            "schedule.warmup_steps": min(cfg.schedule.warmup_steps, total_steps - 1),
+        },
+    )
 
 
-class _Probe:
-    """The bench's `after_step` hook: keeps the records of the timed steps and the process CPU
-    time at their ends, catches the optimizer (torch's global step hook) so its state can be
-    measured, and holds a PeakMemory open over step `mem_step`."""
+class _Probe(Callback):
+    """The bench's callback: keeps the records of the timed steps and the process CPU time at
+    their ends, the trainer's optimizer (its state is measured) and resolved config, and holds
+    a PeakMemory open over step `mem_step`."""
 
     def __init__(self, first: int, last: int, device: torch.device, mem_step: int | None = None):
         self.first, self.last, self.device, self.mem_step = first, last, device, mem_step
         self.records: list[dict] = []
         self.cpu_marks: list[float] = []
-        self.optimizer = None
+        self.optimizer, self.cfg = None, None
         self.peak_bytes, self.note, self._pm = None, "", None
-        self._stack, self._mem = ExitStack(), ExitStack()
-        self._stack.callback(register_optimizer_step_post_hook(self._saw_optimizer).remove)
-        self._stack.callback(self._mem.close)
+        self._mem = ExitStack()
 
-    def _saw_optimizer(self, opt, args, kwargs) -> None:
-        self.optimizer = opt
-
-    def __call__(self, step: int, record: dict) -> None:
+    def on_step_end(self, trainer, record: dict) -> None:
+        self.optimizer, self.cfg = trainer.optimizer, trainer.cfg
+        step = trainer.loop.step
         if self.first <= step <= self.last:
             self.records.append(record)
         if step in (self.first - 1, self.last):
@@ -87,23 +91,21 @@ class _Probe:
             self.peak_bytes = record.get("peak_memory_bytes")
         elif self.mem_step is not None and step == self.mem_step - 1:
             try:
-                from stalwart.memory.planner import PeakMemory
-
                 self._pm = self._mem.enter_context(PeakMemory(self.device))
-            except (ImportError, UserError) as e:
+            except UserError as e:
                 self.note = f"peak memory not measured: {e}"
         elif self._pm is not None and step == self.mem_step:
             self._mem.close()
             self.peak_bytes = self._pm.peak_bytes
 
     def run(self, cfg: Config, total_steps: int):
-        """train() for `total_steps` steps on a throwaway run dir, with this probe as hook."""
-        from stalwart.train import train
-
-        with tempfile.TemporaryDirectory(prefix="stalwart-bench-") as run_dir, self._stack:
-            bcfg = bench_config(cfg, run_dir, total_steps)
-            result = train(bcfg, progress=False, hooks={"after_step": self})
-        return bcfg, result
+        """train() for `total_steps` steps on a throwaway run dir, with this probe as callback;
+        returns the config as the run resolved it, and the run's result."""
+        with tempfile.TemporaryDirectory(prefix="stalwart-bench-") as run_dir, self._mem:
+            result = train(
+                bench_config(cfg, run_dir, total_steps), progress=False, callbacks=[self]
+            )
+        return result.cfg, result
 
 
 def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, memory: bool = True) -> dict:
@@ -129,9 +131,7 @@ def run_memory(cfg: Config) -> dict:
     """`bench --memory-only`: one warm-up step, then the peak memory of one step, here."""
     device = parallel.pick_device(cfg.run.device)
     if device.type == "cpu":
-        from stalwart.memory.planner import enable_exact_cpu_peak
-
-        enable_exact_cpu_peak()  # before the model is built: see stalwart.memory
+        enable_exact_cpu_peak()  # before the model is built: see stalwart.memory.measure
     probe = _Probe(first=2, last=2, device=device, mem_step=2)
     bcfg, result = probe.run(cfg, 3)
     return memory_fields(bcfg, result.model, probe, device)
@@ -241,19 +241,14 @@ def memory_fields(cfg: Config, model: torch.nn.Module, probe: _Probe, device) ->
     if probe.note:
         memory["note"] = probe.note
     if cfg.train.micro_batch != "auto":
-        try:
-            from stalwart.memory.planner import training_memory
-        except ImportError:
-            training_memory = None
-        if training_memory is not None:
-            plan = training_memory(
-                cfg,
-                micro_batch=int(cfg.train.micro_batch),
-                precision=resolve_precision(cfg.train.precision, device),
-                vocab_size=cfg.model.vocab_size,
-            )
-            predicted = {k: int(plan.components.get(k, 0)) for k in STATE}
-            memory["predicted"] = _with_rest(predicted, int(plan.total_bytes))
+        plan = plan_training(
+            cfg,
+            micro_batch=int(cfg.train.micro_batch),
+            precision=resolve_precision(cfg.train.precision, device),
+            vocab_size=cfg.model.vocab_size,
+        )
+        predicted = {k: int(plan.components.get(k, 0)) for k in STATE}
+        memory["predicted"] = _with_rest(predicted, int(plan.total_bytes))
     return {"peak_memory_bytes": probe.peak_bytes, "memory": memory}
 
 
@@ -281,10 +276,7 @@ def compare_variants(what: str, cfg: Config, device: torch.device) -> list[tuple
         )
     variants = []
     for name in names:
-        c = copy.deepcopy(cfg)
-        setattr(getattr(c, field[0]), field[1], name)
-        if what == "activation_checkpointing":
-            parse_activation_checkpointing(name)
+        c = with_overrides(cfg, {".".join(field): name})
         label = {
             "compile": {False: "eager", True: "compiled"},
             "fused_gelu": {False: "torch GELU", True: "fused GELU"},

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +88,6 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
-        slow_ms: float = 0.0,
     ):
         if len(data) < block_size + 2:
             raise UserError(
@@ -100,7 +98,6 @@ class BatchLoader:
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.slow_ms = slow_ms
         self.position = 0  # index of the next global batch
         self.last_digest = ""  # hash of the last batch's windows: repeated data is detectable
 
@@ -109,8 +106,6 @@ class BatchLoader:
         return self.micro_batch * self.grad_accum * self.world_size
 
     def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if self.slow_ms:
-            time.sleep(self.slow_ms / 1000)  # debug.slow_data_ms: a loader that falls behind
         high = len(self.data) - self.block_size - 1
         offsets = _offsets(self.seed, _TRAIN_STREAM, self.position, self.global_batch, high)
         self.last_digest = hashlib.blake2b(offsets.tobytes(), digest_size=8).hexdigest()

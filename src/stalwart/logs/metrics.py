@@ -111,7 +111,7 @@ PHASES = ("data_wait", "fwd_bwd", "optim")
 class StepTimer:
     """Where the time of the steps of a log interval goes: waiting for data, forward+backward,
     optimizer (unscale, clip, the health check's sync, the update) and overhead (the rest:
-    logging, LR, zero_grad, hooks). Evaluation and checkpoints are not training time (`skip`).
+    logging, LR, zero_grad, callbacks). Evaluation and checkpoints are not training time (`skip`).
 
     CPU: perf_counter at each phase boundary (CPU ops are synchronous). CUDA: an event recorded
     on the stream at each boundary and read at the log boundary, after one synchronize: kernels
@@ -243,6 +243,10 @@ class Progress:
         self._tps = Smoothed()  # tokens/s as logged (training time only)
         self._step_wall = Smoothed()  # wall seconds per step, eval and checkpoints included
         self._last_wall: tuple[float, int] | None = None
+
+    def start_at(self, step: int) -> None:
+        """A resumed run: the ETA counts the steps from here."""
+        self._start_step = step
 
     def update(
         self,
