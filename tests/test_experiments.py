@@ -10,6 +10,7 @@ from stalwart.cli import main
 from stalwart.errors import UserError
 from stalwart.experiments import EXPERIMENTS, command_line, run_experiment
 from stalwart.experiments.common import ensure_dataset, markdown_table, smooth, to_flags
+from stalwart.experiments.presets import PRESETS, RUN, preset
 from stalwart.logs.metrics import read_metrics
 
 NAMES = ["sgd", "momentum", "adam", "adamw", "muon"]
@@ -64,6 +65,23 @@ def test_common_helpers(tmp_path, tiny_data):
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # bias-corrected EMA
     assert markdown_table(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
     assert command_line("optimizers", tmp_path, False, None).endswith(f"--out {tmp_path}")
+
+
+def test_presets_live_in_one_table():
+    assert set(PRESETS) <= set(EXPERIMENTS)
+    assert preset("optimizers", quick=True) == {
+        "model.n_layer": 1,
+        "model.n_head": 2,
+        "model.n_embd": 32,
+        "model.block_size": 32,
+        "train.micro_batch": 4,
+        "train.max_steps": 12,
+        "schedule.warmup_steps": 2,
+        "train.eval_interval": 6,
+        "train.eval_batches": 2,
+    }
+    assert "train.micro_batch" not in preset("accumulation", quick=False)  # its arms set it
+    assert RUN["run.threads"] == 1 and RUN["run.seed"] == 1337  # bit-reproducible runs
 
 
 NEW = [

@@ -11,6 +11,9 @@ import importlib
 import shlex
 from pathlib import Path
 
+from stalwart.errors import UserError
+from stalwart.experiments.common import Context, ensure_dataset
+
 # NAME -> module path (a plain dict: no registry magic)
 EXPERIMENTS: dict[str, str] = {
     "optimizers": "stalwart.experiments.optimizers",
@@ -41,9 +44,6 @@ def run_experiment(
     data_dir: str | Path | None = None,
 ) -> Path:
     """Run experiment `name` into `out` (default experiments/NAME); returns its report.md."""
-    from stalwart.errors import UserError
-    from stalwart.experiments.common import Context, ensure_dataset
-
     if name not in EXPERIMENTS:
         raise UserError(f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)}")
     out = Path(out) if out else Path("experiments") / name

@@ -16,37 +16,19 @@ from pathlib import Path
 from stalwart.experiments.common import (
     Context,
     RunRecord,
+    bullets,
     markdown_table,
     new_figure,
     run_training,
     save_figure,
+    setup_text,
     smooth,
     write_report,
 )
-from stalwart.experiments.schedule import COMMON as _SCHED_COMMON
+from stalwart.experiments.presets import RUN, preset
 
 ACCUM = 4
-FULL = {
-    "model.n_layer": 2,
-    "model.n_head": 2,
-    "model.n_embd": 64,
-    "model.block_size": 64,
-    "train.max_steps": 150,
-    "schedule.warmup_steps": 10,
-    "train.eval_interval": 50,
-    "train.eval_batches": 10,
-}
-QUICK = {
-    "model.n_layer": 1,
-    "model.n_head": 2,
-    "model.n_embd": 32,
-    "model.block_size": 32,
-    "train.max_steps": 8,
-    "schedule.warmup_steps": 2,
-    "train.eval_interval": 4,
-    "train.eval_batches": 2,
-}
-COMMON = {**_SCHED_COMMON, "optim.grad_clip": 0.0, "schedule.name": "cosine"}
+COMMON = {"optim.grad_clip": 0.0, **RUN, "schedule.name": "cosine"}  # + each arm's optimizer
 SGD_LR = 0.1
 ADAMW_LR = 1e-3
 BIG = {"train.micro_batch": 4 * ACCUM, "train.grad_accum": 1}
@@ -134,13 +116,11 @@ def conclusion(r: dict[str, RunRecord], quick: bool) -> str:
         f"here; at clip 1.0 the buggy run clips {ACCUM}x earlier), the logged grad norm, and "
         "weight decay's balance against the step.",
     ]
-    if quick:
-        lines.insert(0, "**--quick run: too short to support any conclusion; smoke test only.**")
-    return "\n".join(f"- {line}" for line in lines)
+    return bullets(lines, quick)
 
 
 def run(ctx: Context) -> Path:
-    size = QUICK if ctx.quick else FULL
+    size = preset("accumulation", ctx.quick)
     runs: dict[str, RunRecord] = {}
     for label, (dirname, over) in arms().items():
         rec = run_training(ctx, dirname, {**COMMON, **size, **over})
@@ -178,7 +158,7 @@ def run(ctx: Context) -> Path:
         "train loss, mean of last 10 steps",
         "final val loss (micro-batch-sized eval)",
     ]
-    setup = ", ".join(f"`{k} = {v}`" for k, v in {**COMMON, **size}.items() if k != "optim.lr")
+    setup = setup_text({**COMMON, **size})  # the arms' optim.lr is in the table
     body = f"""
 ## Setup
 

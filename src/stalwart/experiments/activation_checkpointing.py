@@ -4,7 +4,7 @@ micro-batch 16 and 64.
 `model.activation_checkpointing = full` recomputes each block's forward during backward instead
 of keeping its activations. Each of the four configurations is measured by `stalwart.bench`
 (the real loop: timed steps after warm-up, then the peak memory of one step in a fresh process)
-and set beside the planner's prediction (`stalwart.memory.training_memory`).
+and set beside the planner's prediction (`stalwart.memory.planner.plan_training`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from stalwart.experiments.common import (
     Context,
+    bullets,
     fmt_bytes,
     markdown_table,
     new_figure,
@@ -20,9 +21,9 @@ from stalwart.experiments.common import (
     write_report,
 )
 from stalwart.experiments.precision import allocator_peak, bench, cpu_step_s, step_cost
+from stalwart.experiments.presets import preset
+from stalwart.memory.planner import plan_training
 
-FULL = {"model.n_layer": 4, "model.n_head": 4, "model.n_embd": 128, "model.block_size": 128}
-QUICK = {"model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32}
 BATCHES_FULL, BATCHES_QUICK = (16, 64), (4,)
 # one thread: on a loaded 2-core machine two threads spin-wait for each other's time slices
 COMMON = {"train.precision": "fp32", "run.device": "cpu", "run.threads": 1}
@@ -32,11 +33,9 @@ MODES = ("none", "full")
 
 def predicted(r: dict) -> int:
     """The planner's peak for a bench result's config (its vocabulary from the dataset)."""
-    from stalwart.memory.planner import training_memory
-
     cfg = r["config"]
     return int(
-        training_memory(
+        plan_training(
             cfg,
             micro_batch=int(cfg.train.micro_batch),
             precision="fp32",
@@ -69,10 +68,9 @@ def plot(res: dict, batches, path: Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
-def run(ctx: Context) -> Path:
-    size = QUICK if ctx.quick else FULL
-    batches = BATCHES_QUICK if ctx.quick else BATCHES_FULL
-    steps, warmup = (1, 1) if ctx.quick else (5, 1)
+def measure(ctx: Context, size: dict, batches, steps: int, warmup: int) -> tuple[dict, int]:
+    """(micro-batch, mode) -> the bench result of the median round (its per-round step times
+    under "rounds", its allocator peak under "peak_memory_bytes"), and the number of rounds."""
     res: dict = {}
     rounds: dict = {}
     for _ in range(1 if ctx.quick else ROUNDS_FULL):
@@ -95,9 +93,24 @@ def run(ctx: Context) -> Path:
         for k in ("step_time_median_s", "mfu_by_cpu_time", "tokens_per_sec"):
             res[key][k] = mid.get(k)
         res[key]["rounds"] = per_round
-    rows, lines, faster = [], [], False
+    return res, len(next(iter(rounds.values())))
+
+
+HEADERS = [
+    "micro-batch",
+    "checkpointing",
+    "peak memory, measured",
+    "predicted (planner)",
+    "step time, median wall (ms)",
+    "CPU time per step (ms)",
+    "tokens/s",
+    "wall ms per round",
+]
+
+
+def table_rows(res: dict, batches) -> list[list[str]]:
+    rows = []
     for b in batches:
-        off, on = res[(b, "none")], res[(b, "full")]
         for mode, r in ((m, res[(b, m)]) for m in MODES):
             peak = r["peak_memory_bytes"]
             rows.append(
@@ -112,6 +125,14 @@ def run(ctx: Context) -> Path:
                     " / ".join(f"{t * 1e3:.0f}" for t in r["rounds"]),
                 ]
             )
+    return rows
+
+
+def conclusion(res: dict, batches) -> list[str]:
+    """What the measurements support, per micro-batch, written from the numbers."""
+    lines, faster = [], False
+    for b in batches:
+        off, on = res[(b, "none")], res[(b, "full")]
         if off["peak_memory_bytes"] and on["peak_memory_bytes"]:
             saved = 1 - on["peak_memory_bytes"] / off["peak_memory_bytes"]
             mem_txt = (
@@ -146,18 +167,14 @@ def run(ctx: Context) -> Path:
         "the peak it saves little, and where the batch already fits it only costs compute. "
         "Timings were taken on a shared, loaded machine (per-round times in the table)."
     )
-    if ctx.quick:
-        lines.insert(0, "**--quick run: too short to support any conclusion; smoke test only.**")
-    headers = [
-        "micro-batch",
-        "checkpointing",
-        "peak memory, measured",
-        "predicted (planner)",
-        "step time, median wall (ms)",
-        "CPU time per step (ms)",
-        "tokens/s",
-        "wall ms per round",
-    ]
+    return lines
+
+
+def run(ctx: Context) -> Path:
+    size = preset("activation-checkpointing", ctx.quick)
+    batches = BATCHES_QUICK if ctx.quick else BATCHES_FULL
+    steps, warmup = (1, 1) if ctx.quick else (5, 1)
+    res, n_rounds = measure(ctx, size, batches, steps, warmup)
     m = res[(batches[0], "none")]["config"].model
     title = f"{m.n_layer}-layer {m.n_embd}-wide GPT, {m.block_size}-token sequences, fp32, CPU"
     figure = plot(res, batches, ctx.out / "activation_checkpointing.png", title)
@@ -165,7 +182,7 @@ def run(ctx: Context) -> Path:
 ## Setup
 
 {title}. `stalwart.bench.run_bench`, one thread: {warmup} warm-up step(s), {steps} timed steps,
-repeated in {len(next(iter(rounds.values())))} interleaved round(s); the round with the median
+repeated in {n_rounds} interleaved round(s); the round with the median
 step time is reported. Peak
 memory: the peak tensor memory of one step (step 2 of a short run of the real loop) from the
 torch profiler's allocator events plus the tensors held when the step starts. `model.activation_checkpointing` none vs full
@@ -175,10 +192,10 @@ torch profiler's allocator events plus the tensors held when the step starts. `m
 
 ![memory and step time]({figure.name})
 
-{markdown_table(headers, rows)}
+{markdown_table(HEADERS, table_rows(res, batches))}
 
 ## Conclusion
 
-{chr(10).join(f"- {line}" for line in lines)}
+{bullets(conclusion(res, batches), ctx.quick)}
 """
     return write_report(ctx, "Activation checkpointing: memory vs step time", body)

@@ -22,8 +22,11 @@ from typing import Any
 import torch
 
 from stalwart.config import Config, load_config
+from stalwart.data.prepare import prepare
+from stalwart.errors import UserError
 from stalwart.hardware import cpu_model
 from stalwart.logs.metrics import read_metrics
+from stalwart.train import train
 
 DEFAULT_DATA = Path("data/stdlib-byte")
 
@@ -48,9 +51,6 @@ def ensure_dataset(data_dir: str | Path | None = None) -> Path:
     """The prepared dataset dir; the built-in stdlib corpus (byte tokens) is prepared if missing."""
     path = Path(data_dir) if data_dir else DEFAULT_DATA
     if not (path / "meta.json").is_file():
-        from stalwart.data.prepare import prepare
-        from stalwart.errors import UserError
-
         if path.exists() and any(path.iterdir()):
             raise UserError(f"{path} exists but holds no prepared dataset (no meta.json)")
         print(f"preparing the built-in stdlib corpus into {path} (once)", flush=True)
@@ -97,10 +97,9 @@ class RunRecord:
         return values[len(values) // 2] if values else None
 
 
-def run_training(ctx: Context, run_name: str, overrides: dict[str, Any]) -> RunRecord:
-    """Train one configuration from scratch with the real loop; a previous run of it is replaced."""
-    from stalwart.train import train
-
+def run_training(ctx: Context, run_name: str, overrides: dict[str, Any], callbacks=()) -> RunRecord:
+    """Train one configuration from scratch with the real loop (watched by `callbacks`, if
+    any); a previous run of it is replaced."""
     cfg = make_config(ctx, run_name, overrides)
     shutil.rmtree(cfg.run.dir, ignore_errors=True)
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -109,13 +108,14 @@ def run_training(ctx: Context, run_name: str, overrides: dict[str, Any]) -> RunR
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
     try:
-        result = train(cfg, progress=False)
+        result = train(cfg, progress=False, callbacks=callbacks)
     finally:
         torch.set_num_threads(threads)  # run.threads is process-wide: do not leak it
     wall = time.perf_counter() - t0
     records = read_metrics(Path(cfg.run.dir) / "metrics.jsonl")
     print(f"[{ctx.name}] {run_name}: val loss {result.val_loss:.4f} in {wall:.1f} s", flush=True)
-    return RunRecord(run_name, cfg, result, records, wall)
+    # the run's resolved config: the dataset's vocabulary filled in (cfg itself is unchanged)
+    return RunRecord(run_name, result.cfg, result, records, wall)
 
 
 def final_checkpoint(rec: RunRecord) -> Path:
@@ -147,6 +147,17 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def save_curves(fig, axes, path: Path, title: str, **legend) -> Path:
+    """Save a figure of curves over the run: every axis gets the step axis, a grid and a legend
+    (`legend`: its keyword arguments), the figure its title."""
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(**legend)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
 def smooth(values: list[float], beta: float = 0.9) -> list[float]:
     """Bias-corrected exponential moving average (the same correction Adam applies)."""
     out, avg = [], 0.0
@@ -154,6 +165,19 @@ def smooth(values: list[float], beta: float = 0.9) -> list[float]:
         avg = beta * avg + (1 - beta) * v
         out.append(avg / (1 - beta**i))
     return out
+
+
+QUICK_NOTE = "**--quick run: too short to support any conclusion; smoke test only.**"
+
+
+def bullets(lines: list[str], quick: bool = False, note: str = QUICK_NOTE) -> str:
+    """A conclusion's lines as a markdown list; a --quick run's list opens with `note`."""
+    return "\n".join(f"- {line}" for line in ([note] if quick else []) + lines)
+
+
+def setup_text(settings: dict[str, Any]) -> str:
+    """The settings every run of an experiment shares, as "`key = value`, ..."."""
+    return ", ".join(f"`{k} = {v}`" for k, v in settings.items())
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

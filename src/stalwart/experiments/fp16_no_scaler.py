@@ -14,44 +14,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from stalwart.experiments.common import (
     Context,
     RunRecord,
+    bullets,
     markdown_table,
     new_figure,
     run_training,
-    save_figure,
+    save_curves,
+    setup_text,
     smooth,
     write_report,
 )
-from stalwart.experiments.schedule import COMMON as _SCHED_COMMON
+from stalwart.experiments.presets import RUN, preset
+from stalwart.trainer import Callback
 
 FP16_TINY = 2.0**-24  # smallest fp16 subnormal: anything smaller is zero
-FULL = {
-    "model.n_layer": 2,
-    "model.n_head": 2,
-    "model.n_embd": 64,
-    "model.block_size": 128,
-    "train.micro_batch": 16,
-    "train.max_steps": 80,
-    "schedule.warmup_steps": 8,
-    "train.eval_interval": 40,
-    "train.eval_batches": 4,
-}
-QUICK = {
-    "model.n_layer": 1,
-    "model.n_head": 2,
-    "model.n_embd": 32,
-    "model.block_size": 32,
-    "train.micro_batch": 4,
-    "train.max_steps": 6,
-    "schedule.warmup_steps": 2,
-    "train.eval_interval": 3,
-    "train.eval_batches": 2,
-}
-COMMON = {**_SCHED_COMMON, "optim.lr": 1e-3, "schedule.name": "cosine"}
+COMMON = {"optim.lr": 1e-3, "optim.grad_clip": 1.0, **RUN, "schedule.name": "cosine"}
 ARMS = {
     "fp32": {"train.precision": "fp32"},
     "fp16, no scaler": {"train.precision": "fp16", "train.grad_scaler": False},
@@ -59,16 +39,20 @@ ARMS = {
 }
 
 
-class GradCensus:
-    """Optimizer pre-step hook: per update, the fraction of gradient elements that are exactly
-    zero and the fraction below fp16's smallest subnormal (zeros included)."""
+class GradCensus(Callback):
+    """A pre-step hook on the run's optimizer (the trainer's part, registered when the run
+    starts): per update, the fraction of gradient elements that are exactly zero and the
+    fraction below fp16's smallest subnormal (zeros included)."""
 
     def __init__(self):
         self.zero: list[float] = []
         self.below: list[float] = []
 
+    def on_run_start(self, trainer) -> None:
+        trainer.optimizer.register_step_pre_hook(self.count)
+
     @torch.no_grad()
-    def __call__(self, opt, args, kwargs) -> None:
+    def count(self, opt, args, kwargs) -> None:
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         n = sum(g.numel() for g in grads)
         self.zero.append(sum(int((g == 0).sum()) for g in grads) / n)
@@ -77,12 +61,7 @@ class GradCensus:
 
 def train_with_census(ctx: Context, name: str, overrides: dict) -> tuple[RunRecord, GradCensus]:
     census = GradCensus()
-    handle = register_optimizer_step_pre_hook(census)
-    try:
-        rec = run_training(ctx, name, overrides)
-    finally:
-        handle.remove()
-    return rec, census
+    return run_training(ctx, name, overrides, callbacks=[census]), census
 
 
 def plot(runs: list[tuple[RunRecord, GradCensus]], path: Path, title: str) -> Path:
@@ -101,12 +80,7 @@ def plot(runs: list[tuple[RunRecord, GradCensus]], path: Path, title: str) -> Pa
     ax_loss.set_ylabel("cross-entropy (nats/token)")
     ax_zero.set_title("gradient elements exactly zero at the update")
     ax_zero.set_ylabel("% of all gradient elements")
-    for ax in (ax_loss, ax_zero):
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    return save_figure(fig, path)
+    return save_curves(fig, (ax_loss, ax_zero), path, title)
 
 
 def mean(xs: list[float]) -> float:
@@ -114,7 +88,7 @@ def mean(xs: list[float]) -> float:
 
 
 def run(ctx: Context) -> Path:
-    size = QUICK if ctx.quick else FULL
+    size = preset("fp16-no-scaler", ctx.quick)
     runs = []
     for label, over in ARMS.items():
         dirname = label.replace(", ", "_").replace(" + ", "_").replace(" ", "_")
@@ -174,9 +148,7 @@ def run(ctx: Context) -> Path:
         "token counts per step (the loss is a mean, so each token's gradient shrinks with "
         "the batch). Read the percentages, not the curves, as this run's evidence.",
     ]
-    if ctx.quick:
-        lines.insert(0, "**--quick run: too short to support any conclusion; smoke test only.**")
-    setup = ", ".join(f"`{k} = {v}`" for k, v in {**COMMON, **size}.items())
+    setup = setup_text({**COMMON, **size})
     body = f"""
 ## Setup
 
@@ -192,6 +164,6 @@ units); the underflow arithmetic is the same as on a GPU.
 
 ## Conclusion
 
-{chr(10).join(f"- {line}" for line in lines)}
+{bullets(lines, ctx.quick)}
 """
     return write_report(ctx, "fp16 without loss scaling: gradient underflow", body)

@@ -12,41 +12,21 @@ from pathlib import Path
 from stalwart.experiments.common import (
     Context,
     RunRecord,
+    bullets,
     markdown_table,
     new_figure,
     run_training,
-    save_figure,
+    save_curves,
+    setup_text,
     write_report,
 )
-from stalwart.experiments.schedule import COMMON as _SCHED_COMMON
+from stalwart.experiments.presets import RUN, preset
 
 DEFAULT_LR = 6e-4  # OptimConfig.lr
 HIGH_LR = 3e-3
 EXTRA_LRS = (1e-2, 3e-2)
 CLIP = 1.0
-FULL = {
-    "model.n_layer": 2,
-    "model.n_head": 2,
-    "model.n_embd": 64,
-    "model.block_size": 64,
-    "train.micro_batch": 8,
-    "train.max_steps": 300,
-    "schedule.warmup_steps": 15,
-    "train.eval_interval": 50,
-    "train.eval_batches": 10,
-}
-QUICK = {
-    "model.n_layer": 1,
-    "model.n_head": 2,
-    "model.n_embd": 32,
-    "model.block_size": 32,
-    "train.micro_batch": 4,
-    "train.max_steps": 12,
-    "schedule.warmup_steps": 2,
-    "train.eval_interval": 6,
-    "train.eval_batches": 2,
-}
-COMMON = {**_SCHED_COMMON, "optim.grad_clip": CLIP, "schedule.name": "cosine"}
+COMMON = {"optim.grad_clip": CLIP, **RUN, "schedule.name": "cosine"}  # + each arm's optim.lr
 
 
 def clip_rate(rec: RunRecord, lo: int, hi: int) -> float:
@@ -77,16 +57,11 @@ def plot(runs: list[RunRecord], path: Path, title: str) -> Path:
     ax_rate.set_title(f"fraction of steps clipped (rolling {window} steps)")
     ax_rate.set_ylabel("fraction of steps clipped")
     ax_rate.set_ylim(-0.05, 1.05)
-    for ax in (ax_norm, ax_rate):
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    return save_figure(fig, path)
+    return save_curves(fig, (ax_norm, ax_rate), path, title)
 
 
 def run(ctx: Context) -> Path:
-    size = QUICK if ctx.quick else FULL
+    size = preset("high-lr", ctx.quick)
     n = size["train.max_steps"]
     # the lesson's pair, then two higher LRs: where does clipping take over on this model?
     arms = {f"lr {DEFAULT_LR:g} (default)": DEFAULT_LR, f"lr {HIGH_LR:g}": HIGH_LR}
@@ -139,9 +114,7 @@ def run(ctx: Context) -> Path:
         "on most steps is really running at a smaller, norm-normalised LR than it asked for. "
         "The doctor (`health.clip_rate`) diagnoses 'constantly clipped' from the same records.",
     ]
-    if ctx.quick:
-        lines.insert(0, "**--quick run: too short to support any conclusion; smoke test only.**")
-    setup = ", ".join(f"`{k} = {v}`" for k, v in {**COMMON, **size}.items() if k != "optim.lr")
+    setup = setup_text({**COMMON, **size})  # the arms' optim.lr is in the table
     body = f"""
 ## Setup
 
@@ -155,6 +128,6 @@ def run(ctx: Context) -> Path:
 
 ## Conclusion
 
-{chr(10).join(f"- {line}" for line in lines)}
+{bullets(lines, ctx.quick)}
 """
     return write_report(ctx, f"High LR: peak {HIGH_LR:g} vs the default {DEFAULT_LR:g}", body)

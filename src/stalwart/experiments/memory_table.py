@@ -1,9 +1,9 @@
 """The memory-table experiment: the planner's numbers for the lesson's model sizes, and the
 planner against measured peaks for a few configs that run here.
 
-Part 1 is pure arithmetic (`stalwart.memory.training_memory` / `inference_memory`) for GPT-style
-models of the lesson's table's sizes, at micro-batch 1, fp32 + AdamW, with and without full
-activation checkpointing, beside the lesson's own figures. Part 2 runs small configs through
+Part 1 is pure arithmetic (`stalwart.memory.planner`: `plan_training` / `plan_inference`) for
+GPT-style models of the lesson's table's sizes, at micro-batch 1, fp32 + AdamW, with and without
+full activation checkpointing, beside the lesson's own figures. Part 2 runs small configs through
 `stalwart.bench` (the real loop; the peak of one step measured in a fresh process) and sets the
 measured peak beside the prediction.
 """
@@ -16,6 +16,7 @@ from stalwart.config import load_config
 from stalwart.experiments.activation_checkpointing import predicted
 from stalwart.experiments.common import (
     Context,
+    bullets,
     fmt_bytes,
     markdown_table,
     new_figure,
@@ -24,6 +25,7 @@ from stalwart.experiments.common import (
     write_report,
 )
 from stalwart.experiments.precision import allocator_peak, bench
+from stalwart.memory.planner import plan_inference, plan_training
 
 # name -> (n_layer, n_embd, n_head, block_size, vocab, the lesson's inference / training /
 # training + ckpt figures). LLaMA sizes are approximated by a GPT of the same depth and width.
@@ -89,13 +91,11 @@ def lesson_config(n_layer: int, n_embd: int, n_head: int, block: int, vocab: int
 
 
 def lesson_rows() -> tuple[list[list[str]], dict]:
-    from stalwart.memory.planner import inference_memory, training_memory
-
     rows, plans = [], {}
     for name, (L, C, H, T, V, l_inf, l_train, l_ckpt) in LESSON.items():
-        plan = training_memory(lesson_config(L, C, H, T, V, "none"), precision="fp32")
-        ckpt = training_memory(lesson_config(L, C, H, T, V, "full"), precision="fp32")
-        inf = inference_memory(lesson_config(L, C, H, T, V, "none"))
+        plan = plan_training(lesson_config(L, C, H, T, V, "none"), precision="fp32")
+        ckpt = plan_training(lesson_config(L, C, H, T, V, "full"), precision="fp32")
+        inf = plan_inference(lesson_config(L, C, H, T, V, "none"))
         plans[name] = plan
         rows.append(
             [
@@ -189,12 +189,10 @@ def run(ctx: Context) -> Path:
             f"Predicted / measured peak on this CPU: {min(ratios):.2f} to {max(ratios):.2f} over "
             f"{len(ratios)} config(s)."
         )
-    if ctx.quick:
-        lines.insert(0, "**--quick run: smoke test only (one small measured config).**")
     body = f"""
 ## The lesson's sizes (predicted)
 
-Micro-batch 1, full context, fp32 weights + AdamW, `stalwart.memory.training_memory`; inference
+Micro-batch 1, full context, fp32 weights + AdamW, `stalwart.memory.planner.plan_training`; inference
 is bf16 weights (`inference_memory`, KV cache left out). The lesson's figures in parentheses.
 
 {
@@ -224,6 +222,6 @@ events plus every tensor held when the step starts (the CPU analogue of
 
 ## Conclusion
 
-{chr(10).join(f"- {line}" for line in lines)}
+{bullets(lines, ctx.quick, "**--quick run: smoke test only (one small measured config).**")}
 """
     return write_report(ctx, "Memory table: the planner at the lesson's sizes, and checked", body)

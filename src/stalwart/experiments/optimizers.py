@@ -14,18 +14,25 @@ from pathlib import Path
 
 import torch
 
+from stalwart.checkpoint import format as ck
+from stalwart.checkpoint.state import seed_everything
 from stalwart.experiments.common import (
     Context,
     RunRecord,
+    bullets,
     final_checkpoint,
     fmt_bytes,
     markdown_table,
     new_figure,
     run_training,
-    save_figure,
+    save_curves,
+    setup_text,
     smooth,
     write_report,
 )
+from stalwart.experiments.presets import RUN, preset
+from stalwart.model.gpt import build_model
+from stalwart.optim.build import build_optimizer, optimizer_state_bytes, optimizer_state_bytes_for
 
 # Peak LRs: the best of a 3-4 point sweep per optimizer in 100-step runs of the FULL model
 # (docs/optimizers.md has the numbers). SGD needs ~300x Adam's LR: with the gradient clipped to
@@ -58,47 +65,11 @@ OPTIMIZERS: dict[str, dict] = {
     },
 }
 
-FULL = {
-    "model.n_layer": 4,
-    "model.n_head": 4,
-    "model.n_embd": 128,
-    "model.block_size": 64,
-    "train.micro_batch": 16,
-    "train.max_steps": 200,
-    "schedule.warmup_steps": 20,
-    "train.eval_interval": 20,
-    "train.eval_batches": 20,
-}
-QUICK = {  # CI-sized: seconds in total
-    "model.n_layer": 1,
-    "model.n_head": 2,
-    "model.n_embd": 32,
-    "model.block_size": 32,
-    "train.micro_batch": 4,
-    "train.max_steps": 12,
-    "schedule.warmup_steps": 2,
-    "train.eval_interval": 6,
-    "train.eval_batches": 2,
-}
-COMMON = {
-    "optim.grad_clip": 1.0,
-    "schedule.name": "cosine",
-    "train.precision": "fp32",
-    "train.log_interval": 1,
-    "train.sample_tokens": 0,
-    "ckpt.interval": 0,  # one checkpoint at the end: its optimizer state is what we measure
-    "ckpt.keep_last": 1,
-    "run.seed": 1337,
-    "run.threads": 1,  # the machine is shared; one thread makes every run bit-reproducible
-    "run.device": "cpu",
-}
+COMMON = {"optim.grad_clip": 1.0, "schedule.name": "cosine", **RUN}
 
 
 def measured_state_bytes(rec: RunRecord) -> int:
     """optimizer_state_bytes of the run's optimizer, rebuilt from its final checkpoint."""
-    from stalwart.checkpoint import format as ck
-    from stalwart.optim.build import build_optimizer, optimizer_state_bytes
-
     _, state = ck.read_checkpoint(final_checkpoint(rec))
     opt = build_optimizer(rec.cfg.optim, rec.result.model)
     opt.load_state_dict(state["optimizer"])
@@ -106,8 +77,6 @@ def measured_state_bytes(rec: RunRecord) -> int:
 
 
 def predicted_state_bytes(rec: RunRecord) -> int:
-    from stalwart.optim.build import optimizer_state_bytes_for
-
     return optimizer_state_bytes_for(rec.cfg.optim, rec.cfg.model, rec.cfg.model.vocab_size)
 
 
@@ -122,12 +91,8 @@ def plot(runs: list[RunRecord], path: Path, title: str) -> Path:
     ax_train.set_title("training loss (EMA 0.9; raw faint)")
     ax_val.set_title("held-out loss")
     for ax in (ax_train, ax_val):
-        ax.set_xlabel("optimizer step")
         ax.set_ylabel("cross-entropy (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    return save_figure(fig, path)
+    return save_curves(fig, (ax_train, ax_val), path, title)
 
 
 def matrix_rms(model: torch.nn.Module) -> float:
@@ -138,9 +103,6 @@ def matrix_rms(model: torch.nn.Module) -> float:
 
 def init_matrix_rms(rec: RunRecord) -> float:
     """The same statistic at initialisation (same seed, same init as the run)."""
-    from stalwart.checkpoint.state import seed_everything
-    from stalwart.model.gpt import build_model
-
     seed_everything(rec.cfg.run.seed)
     return matrix_rms(build_model(rec.cfg.model, rec.cfg.model.vocab_size))
 
@@ -187,9 +149,7 @@ def conclusion(stats: dict[str, dict], init_rms: float, quick: bool) -> str:
         "One seed per optimizer and one LR each (picked by a short sweep): differences of a few "
         "hundredths of a nat are within what a re-tuned LR or another seed could change."
     )
-    if quick:
-        lines.insert(0, "**--quick run: too short to support any conclusion; smoke test only.**")
-    return "\n".join(f"- {line}" for line in lines)
+    return bullets(lines, quick)
 
 
 HEADERS = [
@@ -225,7 +185,7 @@ def table_row(rec: RunRecord, s: dict, param_bytes: int) -> list[str]:
 
 
 def run(ctx: Context) -> Path:
-    size = QUICK if ctx.quick else FULL
+    size = preset("optimizers", ctx.quick)
     runs = [run_training(ctx, name, {**COMMON, **size, **o}) for name, o in OPTIMIZERS.items()]
     stats = {
         r.name: {
@@ -245,7 +205,7 @@ def run(ctx: Context) -> Path:
     figure = plot(runs, ctx.out / "loss_curves.png", title)
     table = markdown_table(HEADERS, [table_row(r, stats[r.name], 4 * params) for r in runs])
     init_rms = init_matrix_rms(runs[0])
-    setup = ", ".join(f"`{k} = {v}`" for k, v in {**COMMON, **size}.items())
+    setup = setup_text({**COMMON, **size})
     body = f"""
 ## Setup
 
@@ -262,10 +222,10 @@ moves every weight by about `lr`), and so a far smaller λ for the same shrink p
 {table}
 
 Matrix RMS: root-mean-square of all weight matrices at the end (at initialisation:
-{init_rms:.4f}). Optimizer state is measured with `stalwart.optim.optimizer_state_bytes` on the
+{init_rms:.4f}). Optimizer state is measured with `stalwart.optim.build.optimizer_state_bytes` on the
 optimizer rebuilt from each run's final checkpoint (per-element state; the per-tensor step
 counters are a few hundred bytes and left out) and predicted from the config alone by
-`stalwart.optim.optimizer_state_bytes_for` (what the memory planner uses).
+`stalwart.optim.build.optimizer_state_bytes_for` (what the memory planner uses).
 
 ## Conclusion
 

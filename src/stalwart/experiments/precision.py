@@ -14,9 +14,13 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from stalwart.bench import run_bench
+from stalwart.config import with_overrides
 from stalwart.experiments.common import (
     Context,
+    bullets,
     fmt_bytes,
     make_config,
     markdown_table,
@@ -24,30 +28,18 @@ from stalwart.experiments.common import (
     save_figure,
     write_report,
 )
+from stalwart.experiments.presets import SEED, preset
+from stalwart.memory.measure import live_tensor_bytes
+from stalwart.precision import cpu_has_bf16_units
+from stalwart.train import AfterStep, train
 
-FULL = {
-    "model.n_layer": 2,
-    "model.n_head": 2,
-    "model.n_embd": 128,
-    "model.block_size": 64,
-    "train.micro_batch": 8,
-}
-QUICK = {
-    "model.n_layer": 1,
-    "model.n_head": 2,
-    "model.n_embd": 32,
-    "model.block_size": 32,
-    "train.micro_batch": 2,
-}
-BENCH_COMMON = {"run.seed": 1337, "run.threads": 2, "schedule.warmup_steps": 1}
+BENCH_COMMON = {"run.seed": SEED, "run.threads": 2, "schedule.warmup_steps": 1}
 
 
 def bench(
     ctx: Context, name: str, overrides: dict, steps: int, warmup: int, memory: bool | None = None
 ) -> dict:
     """run_bench on one config (the real loop), restoring the process-wide thread count."""
-    from stalwart.bench import run_bench
-
     cfg = make_config(ctx, name, {**BENCH_COMMON, **overrides})
     threads = torch.get_num_threads()
     print(f"[{ctx.name}] {name}: bench {steps} steps after {warmup}", flush=True)
@@ -64,20 +56,17 @@ def bench(
 
 
 class _AllocatorPeak:
-    """train()'s after_step hook: profiles step 2 (after a warm-up step) with the torch profiler's
-    allocator events. Peak = every tensor held when the step starts (`live_tensor_bytes`:
-    weights, last step's gradients, optimizer state) + the highest running sum of the step's
-    allocations and frees: what torch.cuda.max_memory_allocated means, on a CPU. (The bench's
-    RSS-based CPU peak read ~weights + state only here until 18719ee: an independent measure.)"""
+    """Called after every step of train() (as `AfterStep(fn)`): profiles step 2 (after a warm-up
+    step) with the torch profiler's allocator events. Peak = every tensor held when the step
+    starts (`live_tensor_bytes`: weights, last step's gradients, optimizer state) + the highest
+    running sum of the step's allocations and frees: what torch.cuda.max_memory_allocated
+    means, on a CPU. (The bench's RSS-based CPU peak read ~weights + state only here until
+    18719ee: an independent measure.)"""
 
     def __init__(self):
         self.prof, self.baseline, self.peak = None, 0, None
 
     def __call__(self, step: int, record: dict) -> None:
-        from torch.profiler import ProfilerActivity, profile
-
-        from stalwart.memory.planner import live_tensor_bytes
-
         if step == 1:
             self.baseline = live_tensor_bytes()
             self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
@@ -96,8 +85,6 @@ class _AllocatorPeak:
 
 def allocator_peak(ctx: Context, name: str, overrides: dict) -> int | None:
     """The peak tensor memory of one training step of this config (the real loop, 3 steps)."""
-    from stalwart.train import train
-
     fixed = {
         "train.max_steps": 3,
         "train.eval_interval": 0,
@@ -114,8 +101,8 @@ def allocator_peak(ctx: Context, name: str, overrides: dict) -> int | None:
     print(f"[{ctx.name}] {name}: allocator peak of one step", flush=True)
     try:
         with tempfile.TemporaryDirectory(prefix="stalwart-peak-") as d:
-            cfg.run.dir = d
-            train(cfg, progress=False, hooks={"after_step": probe})
+            in_tmp = with_overrides(cfg, {"run.dir": d})  # the run's files are thrown away
+            train(in_tmp, progress=False, callbacks=[AfterStep(probe)])
     finally:
         torch.set_num_threads(threads)
     return probe.peak
@@ -181,9 +168,7 @@ def _memory_conclusion(res: dict) -> str:
 
 
 def run(ctx: Context) -> Path:
-    from stalwart.precision import cpu_has_bf16_units
-
-    size = QUICK if ctx.quick else FULL
+    size = preset("precision", ctx.quick)
     steps, warmup = (2, 1) if ctx.quick else (5, 2)
     res = {}
     for p in ("fp32", "bf16", "fp16"):
@@ -238,8 +223,6 @@ def run(ctx: Context) -> Path:
         ),
         _memory_conclusion(res),
     ]
-    if ctx.quick:
-        lines.insert(0, "**--quick run: too short to support any conclusion; smoke test only.**")
     body = f"""
 ## Setup
 
@@ -257,6 +240,6 @@ mean more than the absolute numbers.
 
 ## Conclusion
 
-{chr(10).join(f"- {line}" for line in lines)}
+{bullets(lines, ctx.quick)}
 """
     return write_report(ctx, "Precision: fp32 vs bf16 vs fp16 autocast", body)

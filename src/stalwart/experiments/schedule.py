@@ -13,48 +13,20 @@ from pathlib import Path
 from stalwart.experiments.common import (
     Context,
     RunRecord,
+    bullets,
     markdown_table,
     new_figure,
     run_training,
-    save_figure,
+    save_curves,
+    setup_text,
     smooth,
     write_report,
 )
+from stalwart.experiments.presets import RUN, SEED, preset
 
 PEAK_LR = 3e-3
-SEEDS_FULL = (1337, 1338, 1339)  # one seed's differences are noise-sized: average three
-FULL = {
-    "model.n_layer": 2,
-    "model.n_head": 2,
-    "model.n_embd": 64,
-    "model.block_size": 64,
-    "train.micro_batch": 8,
-    "train.max_steps": 300,
-    "train.eval_interval": 50,
-    "train.eval_batches": 10,
-}
-QUICK = {
-    "model.n_layer": 1,
-    "model.n_head": 2,
-    "model.n_embd": 32,
-    "model.block_size": 32,
-    "train.micro_batch": 4,
-    "train.max_steps": 12,
-    "train.eval_interval": 6,
-    "train.eval_batches": 2,
-}
-COMMON = {
-    "optim.lr": PEAK_LR,
-    "optim.grad_clip": 1.0,
-    "train.precision": "fp32",
-    "train.log_interval": 1,
-    "train.sample_tokens": 0,
-    "ckpt.interval": 0,
-    "ckpt.keep_last": 1,
-    "run.seed": SEEDS_FULL[0],
-    "run.threads": 1,
-    "run.device": "cpu",
-}
+SEEDS_FULL = (SEED, SEED + 1, SEED + 2)  # one seed's differences are noise-sized: average three
+COMMON = {"optim.lr": PEAK_LR, "optim.grad_clip": 1.0, **RUN}
 
 
 def variants(max_steps: int) -> dict[str, dict]:
@@ -78,12 +50,7 @@ def plot(runs: list[RunRecord], path: Path, title: str) -> Path:
     ax_lr.set_ylabel("learning rate")
     ax_loss.set_title("training loss (EMA 0.9)")
     ax_loss.set_ylabel("cross-entropy (nats/token)")
-    for ax in (ax_lr, ax_loss):
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    return save_figure(fig, path)
+    return save_curves(fig, (ax_lr, ax_loss), path, title, fontsize=8)
 
 
 def early(rec: RunRecord, key: str, upto: int) -> float:
@@ -138,13 +105,11 @@ def conclusion(runs: list[RunRecord], seed_vals: dict[str, list[float]], quick: 
         f"The first {upto} steps: max pre-clip gradient norm {early(by_name[no_warm], 'grad_norm', upto):.1f} "
         f"without warmup, {early(by_name[cos[-1]], 'grad_norm', upto):.1f} with `{cos[-1]}`."
     )
-    if quick:
-        lines.insert(0, "**--quick run: too short to support any conclusion; smoke test only.**")
-    return "\n".join(f"- {line}" for line in lines)
+    return bullets(lines, quick)
 
 
 def run(ctx: Context) -> Path:
-    size = QUICK if ctx.quick else FULL
+    size = preset("schedule", ctx.quick)
     steps = size["train.max_steps"]
     runs = [
         run_training(ctx, name.replace(", ", "_").replace(" ", ""), {**COMMON, **size, **v})
@@ -184,7 +149,7 @@ def run(ctx: Context) -> Path:
         f"clipped steps, 1-{first}",
         "wall (s)",
     ]
-    setup = ", ".join(f"`{k} = {v}`" for k, v in {**COMMON, **size}.items())
+    setup = setup_text({**COMMON, **size})
     body = f"""
 ## Setup
 
