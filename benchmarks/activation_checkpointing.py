@@ -6,7 +6,7 @@
         [--section.field VALUE ...]
 
 Memory: one fresh process per (micro-batch, variant), started with MALLOC_MMAP_THRESHOLD_=65536
-so that stalwart.memory.PeakMemory is exact on CPU; it measures one train.py step after two
+so that stalwart.memory.measure.PeakMemory is exact on CPU; it measures one training step after two
 warm-up steps (benchmarks/memory_accuracy.py's harness), next to the planner's prediction.
 Time: one process per micro-batch, *without* that malloc setting (it slows CPU steps), holding
 every variant with the same weights and timing them round-robin (repeats x one step each,

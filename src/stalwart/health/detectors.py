@@ -4,7 +4,7 @@ Each symptom maps to the playbook row it belongs to, the most likely cause, the 
 severity (info: normal if rare; warning: look at it; critical: the run is broken or stopped).
 The functions here take plain Python numbers (the loop has already read them from the device
 once per step) and return evidence in words, or None: no state, no torch, no host syncs, so the
-live monitor (health.py) and the offline doctor (doctor.py) share them.
+live monitor (monitor.py) and the offline doctor (doctor.py) share them.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Constant clipping, an early plateau, repeated batches, overfitting and a throughput drop are
 lasting conditions, read from each step's record (plus the batch's hash) after the update: a
-condition is diagnosed when it starts, and again only after it has cleared (health.py owns the
+condition is diagnosed when it starts, and again only after it has cleared (monitor.py owns the
 rate limit and the recording). Every window is in state_dict(), so a resume is exact.
 """
 

@@ -145,7 +145,7 @@ class GPT(nn.Module):
             block.selective = kind == "selective"
 
     def set_fused_gelu(self, on: bool) -> None:
-        """CPU fp32: GPT-2's GELU as compiled one-pass kernels (stalwart.kernels)."""
+        """CPU fp32: GPT-2's GELU as compiled one-pass kernels (stalwart.model.kernels)."""
         for block in self.transformer.h:
             block.mlp.fused_gelu = on
 

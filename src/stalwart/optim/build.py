@@ -18,6 +18,9 @@ import torch.nn as nn
 
 from stalwart.config import ModelConfig, OptimConfig
 from stalwart.errors import UserError
+from stalwart.model.gpt import num_params
+from stalwart.optim import muon
+from stalwart.optim import reference as reference_optim
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -51,8 +54,6 @@ def _fused_ok(params: list[torch.Tensor]) -> bool:
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.name == "muon":  # one implementation, whatever optim.impl says
-        from stalwart.optim import muon
-
         return muon.build(cfg, model)
     groups = param_groups(model, cfg.weight_decay)
     for g in groups:
@@ -60,8 +61,6 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     params = [p for g in groups for p in g["params"]]
     betas = (cfg.beta1, cfg.beta2)
     if cfg.impl == "reference":
-        from stalwart.optim import reference as reference_optim
-
         return reference_optim.build(cfg, groups)
     if cfg.name == "adamw":
         return torch.optim.AdamW(
@@ -90,7 +89,7 @@ def state_tensors_per_param(name: str, hidden_matrix: bool = False) -> float:
     """Parameter-sized state tensors per parameter: sgd 0, momentum 1, adam/adamw 2.
 
     Muon keeps 1 (its momentum) for a hidden matrix and 2 (AdamW's m and v) for everything
-    else: pass `hidden_matrix` to say which (see `stalwart.muon.is_hidden_matrix`).
+    else: pass `hidden_matrix` to say which (see `stalwart.optim.muon.is_hidden_matrix`).
     """
     if name == "muon":
         return 1.0 if hidden_matrix else 2.0
@@ -122,8 +121,6 @@ def optimizer_state_bytes_for(
 
     State tensors have their parameter's dtype: bytes_per_elem 4 for fp32 master weights.
     """
-    from stalwart.model.gpt import num_params
-
     total = num_params(cfg_model, vocab_size)["total"]
     if cfg_optim.name != "muon":
         return int(state_tensors_per_param(cfg_optim.name) * total * bytes_per_elem)

@@ -183,4 +183,4 @@ def build(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
         return Adam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     if cfg.name == "adamw":
         return AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
-    raise ValueError(f"no reference optimizer {cfg.name!r}")  # muon is built by stalwart.muon
+    raise ValueError(f"no reference optimizer {cfg.name!r}")  # muon is built by stalwart.optim.muon
