@@ -133,6 +133,16 @@ def cmd_sample(args, rest) -> int:
     return 0
 
 
+def cmd_eval(args, rest) -> int:
+    import json
+
+    from stalwart.eval.run import format_result, run_eval
+
+    r = run_eval(args.path, args.task, args.data, args.out, args.device)
+    print(json.dumps(r) if args.json else format_result(r))
+    return 0
+
+
 def cmd_export(args, rest) -> int:
     from stalwart.export import export
 
@@ -234,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("eval", help="downstream evaluation: hellaswag, any multiple-choice, bpb")
+    s.add_argument("path", help="RUN_DIR, CKPT_DIR or an exported dir (hf or safetensors)")
+    s.add_argument("--task", required=True, choices=["hellaswag", "mc", "bpb"])
+    s.add_argument("--data", required=True, help="the task's jsonl file (bpb: any text file)")
+    s.add_argument("--out", help="write per-example results (jsonl) here")
+    s.add_argument("--json", action="store_true", help="one JSON object (acc, acc_norm, ...)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("export", help="write a checkpoint as a Hugging Face / safetensors dir")
     s.add_argument("path", help="RUN_DIR (its newest valid checkpoint) or CKPT_DIR")

@@ -152,6 +152,9 @@ class TrainConfig(Section):
         "by inductor at start, torch's kernel if no C++ compiler)",
     )
     sample_tokens: int = opt(200, "tokens of text sampled at the end of the run (0 = none)")
+    sample_interval: int = opt(
+        0, "steps between samples (fixed prompts, greedy and T=0.8) to samples.jsonl (0 = none)"
+    )
     peak_flops: float = opt(
         0.0, "peak FLOP/s that MFU is measured against (0 = the device table / CPU calibration)"
     )
@@ -161,6 +164,7 @@ class TrainConfig(Section):
     def validate(self) -> None:
         self._check_positive("max_steps", "grad_accum", "log_interval", "eval_batches")
         self._check_positive("eval_interval", "peak_flops", "sample_tokens", allow_zero=True)
+        self._check_positive("sample_interval", allow_zero=True)
         if isinstance(self.micro_batch, str):
             if self.micro_batch != "auto":
                 raise UserError(
@@ -174,6 +178,22 @@ class TrainConfig(Section):
     def logger_list(self) -> list[str]:
         """The loggers `loggers` names, without 'none' (checked: unknown names are refused)."""
         return parse_loggers(self.loggers)
+
+
+@dataclass
+class EvalConfig(Section):
+    SECTION = "eval"
+
+    tasks: str = opt(
+        "auto",
+        "multiple-choice tasks scored in the loop: KIND:PATH[,KIND:PATH] with KIND hellaswag|mc; "
+        "auto = the dataset's built-in next-line task (DATA/tasks/next-line.jsonl) if it has one; "
+        "none = no tasks",
+    )
+    task_interval: int = opt(0, "steps between task evaluations (0 = only at the end of the run)")
+
+    def validate(self) -> None:
+        self._check_positive("task_interval", allow_zero=True)
 
 
 @dataclass
@@ -276,6 +296,7 @@ class Config(Section):
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

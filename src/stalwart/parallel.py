@@ -335,6 +335,16 @@ def local_model(model: torch.nn.Module, build, ctx: DistContext):
     return plain
 
 
+def sum_across_ranks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The element-wise sum of `t` over every rank, in one all-reduce (CPU tensors travel on the
+    run's device: NCCL takes no CPU tensors). One process: `t` itself."""
+    if ctx.world_size == 1:
+        return t
+    t = t.detach().to(ctx.device, copy=True)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
 def any_rank(flag: bool, ctx: DistContext) -> bool:
     """True on every rank when `flag` is True on any: a decision every rank must take alike
     (a collective on some ranks only would hang), from inputs that differ between ranks (their

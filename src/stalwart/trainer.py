@@ -25,6 +25,7 @@ from stalwart.checkpoint import format as ck
 from stalwart.checkpoint.state import LoopState, TrainParts, seed_everything
 from stalwart.config import Config, to_dict, to_toml
 from stalwart.data.loader import open_dataset
+from stalwart.eval.intask import Downstream
 from stalwart.eval.loss import evaluate
 from stalwart.export import load_init_weights
 from stalwart.health.monitor import build_monitor
@@ -150,6 +151,13 @@ class Trainer:
             cfg.debug,
             lambda: self.loop.step,
         )
+        # downstream tasks and samples (eval.tasks, train.sample_interval); FSDP forwards the
+        # wrapped model (a collective), otherwise the plain module (no DDP hooks in eval)
+        self.downstream = Downstream(
+            cfg.eval, cfg.train, cfg.data.dir, self.data.meta, cfg.model.block_size, self.ctx,
+            self.run_dir,
+        )  # fmt: skip
+        self.eval_model = self.model if self.ctx.mode == "fsdp" else self.raw_model
         # ---- the doctor, the loop's counters, the display, the checkpoints ---------------------
         self.monitor = build_monitor(cfg.health, cfg.optim.grad_clip)
         self.loop = LoopState()
@@ -326,8 +334,12 @@ class Trainer:
         evaluate_now = last or (t.eval_interval and loop.step % t.eval_interval == 0)
         if evaluate_now:
             self.val_loss = record["val_loss"] = self.evaluate()
+        # multiple-choice accuracy every eval.task_interval steps, samples every sample_interval
+        tasks = self.downstream.tasks(self.eval_model, self.prec, loop.step, last)
+        record.update(tasks)
+        sampled = self.downstream.samples(self.eval_model, loop.step, last)
         self.medic.report(self.monitor.observe(record, self.loader.last_digest))  # trends
-        if "tokens_per_sec" in record or evaluate_now:
+        if "tokens_per_sec" in record or evaluate_now or tasks:
             self.log.write(record)
             self.display.update(
                 loop.step,
@@ -346,7 +358,7 @@ class Trainer:
         self.medic.after_save(saved)  # NaN/Inf weights refused: the next step rolls back
         if saved.due:
             self.timer.skip()  # saving is not training time
-        if evaluate_now:
+        if evaluate_now or tasks or sampled:
             self.timer.skip()  # nor is evaluation
         for callback in self.callbacks:
             callback.on_step_end(self, record)

@@ -19,9 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 CONTEXT_LINES = 6  # lines shown before the one to guess
-MIN_CHARS = (
-    12  # a true line shorter than this (`pass`, `else:`, `)`) is too easy to guess or confuse
-)
+# a line shorter than MIN_CHARS (`pass`, `else:`, `)`) is too easy to guess or to confuse; a
+# line longer than MAX_CHARS would not fit a small byte-level model's window
+MIN_CHARS, MAX_CHARS = 12, 100
 N_CHOICES = 4
 CHANCE = 1.0 / N_CHOICES
 
@@ -30,13 +30,16 @@ def _indent(line: str) -> str:
     return line[: len(line) - len(line.lstrip(" \t"))]
 
 
+def _usable(line: str) -> bool:
+    return MIN_CHARS <= len(line.strip()) and len(line) <= MAX_CHARS and line.strip()[0] != "#"
+
+
 def _candidates(docs: list[list[str]]) -> list[tuple[int, int]]:
     """(document, line) positions worth asking about: a real line after enough real context."""
     out = []
     for d, lines in enumerate(docs):
         for i in range(CONTEXT_LINES, len(lines)):
-            target = lines[i].strip()
-            if len(target) < MIN_CHARS or target.startswith("#"):
+            if not _usable(lines[i]):
                 continue
             context = lines[i - CONTEXT_LINES : i]
             if sum(1 for c in context if c.strip()) >= CONTEXT_LINES // 2:
@@ -48,7 +51,7 @@ def _by_indent(docs: list[list[str]]) -> dict[str, list[tuple[int, str]]]:
     pool: dict[str, list[tuple[int, str]]] = {}
     for d, lines in enumerate(docs):
         for line in lines:
-            if len(line.strip()) >= MIN_CHARS and not line.strip().startswith("#"):
+            if _usable(line):
                 pool.setdefault(_indent(line), []).append((d, line))
     return pool
 

@@ -1,0 +1,49 @@
+"""`stalwart eval PATH --task hellaswag|mc|bpb --data FILE`: one model, one task, one report.
+
+PATH is a run directory (its newest valid checkpoint), a checkpoint directory or an exported
+directory (`stalwart export`, or any Hugging Face GPT-2 directory). The model runs in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stalwart.errors import UserError
+from stalwart.eval import mc
+from stalwart.eval.sample import load_any
+from stalwart.eval.tasks import load_task
+
+EVAL_TASKS = ("hellaswag", "mc", "bpb")
+
+
+def run_eval(path: str, task: str, data: str, out: str | None = None, device: str = "cpu") -> dict:
+    """Score the model at `path` on `data`; per-example results to `out` (jsonl) when given."""
+    if task not in EVAL_TASKS:
+        raise UserError(f"--task {task!r}: use one of {', '.join(EVAL_TASKS)}")
+    if task == "bpb":
+        return _bpb(path, data, device)
+    examples = load_task(task, data)  # a bad file is refused before the model is loaded
+    model, tok = load_any(path, device)
+    scored = mc.score_examples(model, tok, examples, model.cfg.block_size, device)
+    result = {"task": task, "data": str(data), "model": str(path), **mc.summarize(scored)}
+    result["chance"] = sum(1 / len(e.choices) for e in examples) / len(examples)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", encoding="utf-8") as f:
+            for s in scored:
+                f.write(json.dumps(s.as_dict()) + "\n")
+    return result
+
+
+def _bpb(path: str, data: str, device: str) -> dict:
+    raise UserError("--task bpb is not available yet (stalwart.eval.bpb)")
+
+
+def format_result(r: dict) -> str:
+    if r["task"] == "bpb":
+        return f"{r['data']}: {r['bpb']:.4f} bits/byte ({r['bytes']:,} bytes)"
+    return (
+        f"{r['task']} on {r['data']} ({r['n']} examples): acc {r['acc']:.4f}, "
+        f"acc_norm {r['acc_norm']:.4f} (chance {r['chance']:.4f})"
+    )
