@@ -77,12 +77,24 @@ class ModelConfig(Section):
 
     def validate(self) -> None:
         self._check_positive("n_layer", "n_head", "n_embd", "block_size")
-        self._check_positive("vocab_size", allow_zero=True)
+        self._check_positive("vocab_size", "n_kv_head", "intermediate_size", allow_zero=True)
+        self._check_positive("rope_theta", "norm_eps")
         self._check_within("[0, 1)", "dropout")
         if self.n_embd % self.n_head:
             raise UserError(
                 f"--model.n_embd ({self.n_embd}) must be divisible by --model.n_head ({self.n_head})"
             )
+    arch: str = opt(
+        "gpt2", "gpt2 (learned positions, LayerNorm, GELU) | llama (RoPE, RMSNorm, SwiGLU, GQA)",
+        ("gpt2", "llama"),
+    )  # fmt: skip
+    n_kv_head: int = opt(0, "llama: key/value heads for grouped-query attention (0 = n_head)")
+    intermediate_size: int = opt(
+        0, "llama: SwiGLU hidden width (0 = 8/3 n_embd, rounded up to 256; to 64 below 1024 wide)"
+    )
+    tie_embeddings: bool = opt(True, "output head shares the token embedding (gpt2: always)")
+    rope_theta: float = opt(10000.0, "llama: RoPE base frequency")
+    norm_eps: float = opt(1e-5, "llama: RMSNorm epsilon (gpt2's LayerNorm keeps 1e-5)")
         parse_activation_checkpointing(self.activation_checkpointing)
 
 
@@ -93,6 +105,36 @@ class OptimConfig(Section):
     name: str = opt("adamw", "optimizer", ("sgd", "momentum", "adam", "adamw", "muon"))
     impl: str = opt("torch", "torch (fused where available) or reference", ("torch", "reference"))
     lr: float = opt(6e-4, "peak learning rate")
+        if self.arch == "llama" and self.n_head % self.kv_heads:
+            raise UserError(
+                f"--model.n_head ({self.n_head}) must be a multiple of --model.n_kv_head "
+                f"({self.n_kv_head})"
+            )
+        if self.arch == "gpt2":
+            self._check_gpt2()
+
+    def _check_gpt2(self) -> None:
+        llama_only = {"n_kv_head": 0, "intermediate_size": 0, "rope_theta": 10000.0}
+        llama_only |= {"norm_eps": 1e-5, "tie_embeddings": True}
+        bad = [k for k, v in llama_only.items() if getattr(self, k) != v]
+        if bad:
+            raise UserError(
+                f"--model.{bad[0]} is a llama setting: set --model.arch llama, or leave it at "
+                f"its default for gpt2"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_size(self) -> int:
+        """llama's SwiGLU width: intermediate_size, or 8/3 n_embd rounded up to 256 (Llama's
+        `multiple_of`; small models round to 64 so that 8/3 of a narrow width stays near it)."""
+        if self.intermediate_size:
+            return self.intermediate_size
+        m = 256 if self.n_embd >= 1024 else 64
+        return -(-(8 * self.n_embd // 3) // m) * m
     min_lr: float = opt(-1.0, "final learning rate of the decay (negative = lr / 10)")
     weight_decay: float = opt(0.1, "decay on matrices (dim >= 2); biases and norms get 0")
     beta1: float = opt(0.9, "Adam first-moment decay")

@@ -2,11 +2,12 @@
 
 `--format hf` writes a directory that `transformers` loads offline with
 `AutoModelForCausalLM.from_pretrained(DIR)` / `AutoTokenizer.from_pretrained(DIR)`:
-config.json (GPT2LMHeadModel), model.safetensors, generation_config.json, tokenizer files and
+config.json (GPT2LMHeadModel; LlamaForCausalLM for `model.arch = "llama"`), model.safetensors, generation_config.json, tokenizer files and
 stalwart.json (where it came from). `--format safetensors` writes stalwart's own weights
 (nn.Linear layout, tied head stored once) with a small config.json any engine can read.
 Neither needs transformers installed: the files are written by safetensors and tokenizers.
-The layout details (Conv1D transposes, tied head, biases) live in model/gpt2_weights.py.
+The layout details (Conv1D transposes, tied head, biases) live in model/gpt2_weights.py; a llama's
+(HF's names already, a tied head stored once) in model/llama_weights.py.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from stalwart.config import from_dict
 from stalwart.data.hf_tokenizer import write_tokenizer_files
 from stalwart.errors import UserError
 from stalwart.eval.sample import checkpoint_tokenizer
+from stalwart.model import llama_weights
 from stalwart.model.gpt2_weights import SAFETENSORS_FORMAT, read_source, shape_of, to_hf_state
 from stalwart.precision import DTYPES
 
@@ -104,6 +106,28 @@ def _write_safetensors(d: Path, sd: dict, shape: dict, tok, dtype: str) -> None:
 WRITERS = {"hf": _write_hf, "safetensors": _write_safetensors}
 
 
+def _write_llama(d: Path, sd: dict, shape: dict, tok, dtype: str, fmt: str) -> None:
+    """Both formats are HF's LlamaForCausalLM files (HF's names are stalwart's); safetensors
+    adds its "format" tag and the tokenizer spec to config.json."""
+    cfg = shape["model_cfg"]
+    config = llama_weights.hf_config(cfg, shape["vocab_size"], shape["eot_id"], dtype)
+    if fmt == "safetensors":
+        config |= {"format": llama_weights.SAFETENSORS_FORMAT, "tokenizer": shape["tokenizer"]}
+    hf = llama_weights.to_hf_state(sd, cfg.tie_embeddings)
+    save_file(hf, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = generation_config(shape["eot_id"])
+    (d / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def _shape(sd: dict, cfg) -> dict:
+    if cfg.model.arch == "llama":
+        vocab = int(sd["model.embed_tokens.weight"].shape[0])
+        return {"model_cfg": cfg.model, "vocab_size": vocab, "block_size": cfg.model.block_size,
+                "bias": False}  # fmt: skip
+    return {**shape_of(sd), "n_head": cfg.model.n_head, "dropout": cfg.model.dropout}
+
+
 def _tokenizer(ckpt: Path, meta: dict, data_dir: str, notes: list[str]):
     try:
         return checkpoint_tokenizer(ckpt, meta, data_dir)
@@ -135,22 +159,25 @@ def export(path: str | Path, fmt: str, out: str | Path, dtype: str = "fp32", for
     cfg_dict, meta = read_meta(ckpt)
     cfg = from_dict(cfg_dict)
     sd = {k: v.to(DTYPES[dtype]) for k, v in ck.read_model_state(ckpt).items()}
-    shape = {**shape_of(sd), "n_head": cfg.model.n_head, "dropout": cfg.model.dropout}
+    shape = _shape(sd, cfg)
     notes: list[str] = []
     tok = _tokenizer(ckpt, meta, cfg.data.dir, notes)
     spec = meta.get("tokenizer", "byte")
     eot = tok.eot_id if tok is not None else 50256  # None only for gpt2 offline: its <|endoftext|>
     shape |= {"tokenizer": spec, "eot_id": eot}
-    if fmt == "hf" and not shape["bias"]:
+    if fmt == "hf" and not shape["bias"] and cfg.model.arch == "gpt2":
         notes.append("the model has no biases and GPT2LMHeadModel always does: zeros were written")
     step = ck.verify(ckpt).step
-    info = {"format": fmt, "dtype": dtype, "tokenizer": spec}
+    info = {"format": fmt, "arch": cfg.model.arch, "dtype": dtype, "tokenizer": spec}
     info |= {"bias": shape["bias"], "source": str(ckpt), "step": step, "notes": notes}
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:  # written aside and renamed: a failed export leaves nothing that looks complete
-        WRITERS[fmt](tmp, sd, shape, tok, dtype)
+        if cfg.model.arch == "llama":
+            _write_llama(tmp, sd, shape, tok, dtype, fmt)
+        else:
+            WRITERS[fmt](tmp, sd, shape, tok, dtype)
         if tok is not None:
             write_tokenizer_files(tmp, tok, shape["block_size"])
         (tmp / "stalwart.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -195,6 +222,21 @@ def fit_problems(src: dict, cfg, vocab_size: int) -> list[str]:
     return out
 
 
+def _load_llama_init(model: torch.nn.Module, path: str | Path) -> dict:
+    """init_from for a llama: a HF Llama dir, a llama export or run; shapes checked first."""
+    sd, src = llama_weights.read_llama(path)
+    problems = llama_weights.fit_problems(src, model.cfg, model.vocab_size)
+    if problems:
+        raise UserError(f"--run.init_from {path} does not fit the model: {'; '.join(problems)}")
+    target = model.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in sd.items()
+           if k in target and v.shape != target[k].shape]  # fmt: skip
+    if bad:
+        raise UserError(f"--run.init_from {path}: tensor shapes differ: {', '.join(bad[:3])}")
+    ck.load_model_state(model, sd)
+    return {"arch": "llama", "n_layer": src.n_layer, "n_embd": src.n_embd}
+
+
 def load_init_weights(model: torch.nn.Module, path: str | Path) -> dict:
     """Copy a GPT-2's weights into `model` (for fine-tuning) after checking they fit it.
 
@@ -203,6 +245,10 @@ def load_init_weights(model: torch.nn.Module, path: str | Path) -> dict:
     longer context (wpe is cropped to block_size, as nanoGPT's crop_block_size) and all-zero
     biases into a bias=False model (an HF export of one).
     """
+    if model.cfg.arch == "llama":
+        return _load_llama_init(model, path)
+    if llama_weights.is_llama_dir(Path(path)):
+        raise UserError(f"--run.init_from {path} is a Llama model: set --model.arch llama")
     sd, src = read_source(path)
     problems = fit_problems(src, model.cfg, model.vocab_size)
     if problems:

@@ -194,7 +194,7 @@ def _fully_shard(
     mp = _mixed_precision(compute_dtype)
     reshard = cfg.reshard_after_forward
     # one FSDP unit per block: only one block's full weights exist at a time
-    for block in model.transformer.h:
+    for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     # the root holds the rest: wte, wpe, ln_f and lm_head, which *is* wte (tied) and so must
     # stay in the same unit. Not resharded after forward: backward starts with lm_head anyway.

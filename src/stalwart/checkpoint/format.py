@@ -36,9 +36,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stalwart.checkpoint.statetree import (  # noqa: F401 (public here: the checkpoint API)
+    EMBEDDINGS,
     TIED,
     Snapshot,
     flatten,
+    is_tied_head,
     model_tensors,
     snapshot,
     unflatten,
@@ -310,6 +312,12 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model_state(model: torch.nn.Module, model_state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = model.load_state_dict(model_state, strict=False)
+    if TIED in missing and not is_tied_head(model.state_dict()):
+        # an untied head saved while it still equalled the embedding was stored as tied
+        emb = next((model_state[k] for k in EMBEDDINGS if k in model_state), None)
+        if emb is not None:
+            with torch.no_grad():
+                model.lm_head.weight.copy_(emb)
     missing = [k for k in missing if k != TIED]
     if missing or unexpected:
         raise UserError(

@@ -87,8 +87,27 @@ def _to_cpu(t: torch.Tensor, copy: bool, pool: dict | None = None, name: str = "
     return buf.copy_(t.detach(), non_blocking=t.is_cuda)
 
 
+def _storage(t: torch.Tensor) -> int:
+    return getattr(t, "_local_tensor", t).data_ptr()  # a DTensor (FSDP2): its local shard
+
+
+EMBEDDINGS = ("transformer.wte.weight", "model.embed_tokens.weight")  # GPT-2's, llama's
+
+
+def is_tied_head(state_dict: dict[str, torch.Tensor]) -> bool:
+    """lm_head.weight is the token embedding (GPT-2; llama unless untied): the same storage,
+    or (a full state dict gathered from FSDP shards: two copies) the same values."""
+    head = state_dict.get(TIED)
+    emb = next((state_dict[k] for k in EMBEDDINGS if k in state_dict), None)
+    if head is None or emb is None or head.shape != emb.shape:
+        return False
+    return _storage(head) == _storage(emb) or bool(torch.equal(head, emb))
+
+
 def model_tensors(state_dict: dict[str, torch.Tensor], copy: bool = False, pool=None):
-    return {k: _to_cpu(v, copy, pool, f"model.{k}") for k, v in state_dict.items() if k != TIED}
+    # a tied head is stored once (as the embedding); an untied one (llama) is a weight of its own
+    skip = TIED if is_tied_head(state_dict) else None
+    return {k: _to_cpu(v, copy, pool, f"model.{k}") for k, v in state_dict.items() if k != skip}
 
 
 @dataclass

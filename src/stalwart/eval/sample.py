@@ -26,6 +26,7 @@ from stalwart.data.tokenizer import (
 from stalwart.errors import UserError
 from stalwart.model.gpt import GPT, build_model
 from stalwart.model.gpt2_weights import read_source
+from stalwart.model.llama_weights import is_llama_dir, read_llama
 
 
 @torch.no_grad()
@@ -75,7 +76,13 @@ def is_exported(path: Path) -> bool:
 
 
 def load_exported(path: Path, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-    """A model from an exported (or Hugging Face GPT-2) directory, in fp32, and its tokenizer."""
+    """A model from an exported (or Hugging Face GPT-2 / Llama) directory, in fp32, and its
+    tokenizer."""
+    if is_llama_dir(path):
+        sd, cfg = read_llama(path)
+        model = build_model(cfg, cfg.vocab_size)
+        ck.load_model_state(model, sd)
+        return model.to(device).eval(), exported_tokenizer(Path(path), cfg.vocab_size)
     sd, src = read_source(path)
     if not src.get("n_head"):
         raise UserError(f"{path}/config.json does not say n_head")

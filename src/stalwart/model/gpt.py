@@ -1,5 +1,8 @@
 """GPT-2: learned positions, pre-norm blocks, GELU MLP, tied embedding/head, causal SDPA.
 
+`build_model`, `num_params`, `flops_per_token` and `hardware_flops_per_token` are the model
+API for every caller and dispatch on `model.arch`: llama's live in model/llama.py.
+
 Parameter names follow nanoGPT / GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...) so the
 Hugging Face export is a rename and a transpose, nothing more.
 """
@@ -11,40 +14,12 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import (
-    CheckpointPolicy,
-    checkpoint,
-    create_selective_checkpoint_contexts,
-)
+from torch.utils.checkpoint import checkpoint
 
 from stalwart.config import ModelConfig, parse_activation_checkpointing
+from stalwart.model import llama
 from stalwart.model.kernels import gelu_tanh
-
-# Selective activation checkpointing keeps what is expensive to recompute and cheap to store:
-# the outputs of the matmuls (the Linears' addmm/mm) and of attention (SDPA's output and
-# logsumexp, a few bytes a token). It recomputes what is cheap to recompute and costly to store:
-# the layer norms, GELU (4C a token), the residual add, dropout (RNG state replayed). That keeps
-# ~11 C of the 16 C bytes-per-token-per-element a block saves and repeats no matmul FLOPs; `full`
-# keeps C but repeats 2/3 of the block's forward. (Megatron's "selective" recomputes the T x T
-# attention core instead; SDPA's fused kernels never store it, so there is nothing to gain there.)
-_aten = torch.ops.aten
-_SAVE_OUTPUTS = {
-    _aten.mm.default,
-    _aten.addmm.default,
-    _aten.bmm.default,
-    _aten._scaled_dot_product_flash_attention.default,
-    _aten._scaled_dot_product_flash_attention_for_cpu.default,
-    _aten._scaled_dot_product_efficient_attention.default,
-    _aten._scaled_dot_product_cudnn_attention.default,
-}
-
-
-def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OUTPUTS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _selective_contexts():
-    return create_selective_checkpoint_contexts(_selective_policy)
+from stalwart.model.recompute import selective_contexts
 
 
 class CausalSelfAttention(nn.Module):
@@ -104,7 +79,7 @@ class Block(nn.Module):
         if self.checkpointed:  # keep only the block's input; recompute its insides in backward
             return checkpoint(self._forward, x, use_reentrant=False)
         if self.selective:  # keep matmul and attention outputs; recompute the element-wise ops
-            return checkpoint(self._forward, x, use_reentrant=False, context_fn=_selective_contexts)
+            return checkpoint(self._forward, x, use_reentrant=False, context_fn=selective_contexts)
         return self._forward(x)
 
 
@@ -144,6 +119,11 @@ class GPT(nn.Module):
             block.checkpointed = kind == "full" or (kind == "every" and i % every == 0)
             block.selective = kind == "selective"
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks (FSDP wraps one unit per block)."""
+        return self.transformer.h
+
     def set_fused_gelu(self, on: bool) -> None:
         """CPU fp32: GPT-2's GELU as compiled one-pass kernels (stalwart.model.kernels)."""
         for block in self.transformer.h:
@@ -174,6 +154,8 @@ class GPT(nn.Module):
 
 def num_params(cfg: ModelConfig, vocab_size: int) -> dict[str, int]:
     """Parameter counts by part, from the config alone (the planner uses it without a model)."""
+    if cfg.arch == "llama":
+        return llama.num_params(cfg, vocab_size)
     C, L, V, T = cfg.n_embd, cfg.n_layer, vocab_size, cfg.block_size
     b = 1 if cfg.bias else 0
     ln = C * (1 + b)
@@ -204,6 +186,8 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int) -> int:
     This is exactly what `torch.utils.flop_counter.FlopCounterMode` counts for one forward and
     backward when attention runs as plain matmuls (tests/test_flops.py).
     """
+    if cfg.arch == "llama":
+        return llama.flops_per_token(cfg, vocab_size)
     C, L, T = cfg.n_embd, cfg.n_layer, cfg.block_size
     matmul_params = L * 12 * C * C + vocab_size * C
     return 6 * matmul_params + 12 * L * T * C
@@ -231,8 +215,20 @@ def hardware_flops_per_token(cfg: ModelConfig, vocab_size: int) -> int:
     """
     C, T = cfg.n_embd, cfg.block_size
     per_block = 16 * C * C + 4 * T * C
+    if cfg.arch == "llama":
+        per_block = llama.recompute_flops_per_token(cfg)
     return flops_per_token(cfg, vocab_size) + recomputed_blocks(cfg) * per_block
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> GPT:
+def hidden_matrix_params(cfg: ModelConfig) -> int:
+    """Elements of the blocks' weight matrices (Muon's share; the planner's optimizer state)."""
+    if cfg.arch == "llama":
+        return llama.num_params(cfg, 1)["hidden"]
+    return cfg.n_layer * 12 * cfg.n_embd**2  # c_attn 3C^2, c_proj C^2, c_fc 4C^2, c_proj 4C^2
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """The model `model.arch` names: GPT-2 (this module) or Llama (model/llama.py)."""
+    if cfg.arch == "llama":
+        return llama.Llama(cfg, vocab_size)
     return GPT(cfg, vocab_size)

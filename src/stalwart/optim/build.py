@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from stalwart.config import ModelConfig, OptimConfig
 from stalwart.errors import UserError
-from stalwart.model.gpt import num_params
+from stalwart.model.gpt import hidden_matrix_params, num_params
 from stalwart.optim import muon
 from stalwart.optim import reference as reference_optim
 
@@ -124,9 +124,8 @@ def optimizer_state_bytes_for(
     total = num_params(cfg_model, vocab_size)["total"]
     if cfg_optim.name != "muon":
         return int(state_tensors_per_param(cfg_optim.name) * total * bytes_per_elem)
-    # Muon's hidden matrices in GPT: per block c_attn (3C x C), attn c_proj (C x C),
-    # c_fc (4C x C), mlp c_proj (C x 4C) = 12 C^2; everything else is AdamW's.
-    hidden = cfg_model.n_layer * 12 * cfg_model.n_embd**2
+    # Muon's hidden matrices: the blocks' weight matrices; everything else is AdamW's.
+    hidden = hidden_matrix_params(cfg_model)
     per_elem = state_tensors_per_param("muon", True) * hidden + state_tensors_per_param(
         "muon", False
     ) * (total - hidden)

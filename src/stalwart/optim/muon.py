@@ -66,6 +66,21 @@ def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     return X.to(G.dtype)
 
 
+def _orthogonalise(update: torch.Tensor) -> torch.Tensor:
+    """Newton-Schulz of the whole matrix, also when FSDP2 shards it (a DTensor: each rank holds
+    some rows). Orthogonalising a shard alone would be a different update, so the matrix is
+    all-gathered, every rank runs the same iteration on it, and keeps its own rows (no second
+    collective: `src_data_rank=None` takes each rank's local copy as the truth). DDP and ZeRO-1
+    step on full gradients and take the plain path."""
+    local = getattr(update, "_local_tensor", None)
+    if local is None:
+        return newton_schulz(update)
+    from torch.distributed.tensor import distribute_tensor
+
+    full = newton_schulz(update.full_tensor())
+    return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
+
+
 def shape_scale(shape: torch.Size) -> float:
     """sqrt(max(1, rows / cols)): an orthogonal (rows x cols) matrix has RMS entry
     1/sqrt(max(rows, cols)); this lifts tall matrices to the RMS of square ones."""
@@ -126,7 +141,7 @@ class Muon(torch.optim.Optimizer):
         buf, mu = state["momentum_buffer"], group["momentum"]
         buf.lerp_(w.grad, 1 - mu)
         update = w.grad.lerp(buf, mu)  # Nesterov
-        ortho = newton_schulz(update) * shape_scale(w.shape)
+        ortho = _orthogonalise(update) * shape_scale(w.shape)
         if group["weight_decay"]:
             w.mul_(1 - lr * group["weight_decay"])
         w.add_(ortho, alpha=-lr)
