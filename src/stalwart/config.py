@@ -74,16 +74,6 @@ class ModelConfig(Section):
     activation_checkpointing: str = opt(
         "none", "none | full | every:K | selective: recompute activations in backward"
     )
-
-    def validate(self) -> None:
-        self._check_positive("n_layer", "n_head", "n_embd", "block_size")
-        self._check_positive("vocab_size", "n_kv_head", "intermediate_size", allow_zero=True)
-        self._check_positive("rope_theta", "norm_eps")
-        self._check_within("[0, 1)", "dropout")
-        if self.n_embd % self.n_head:
-            raise UserError(
-                f"--model.n_embd ({self.n_embd}) must be divisible by --model.n_head ({self.n_head})"
-            )
     arch: str = opt(
         "gpt2", "gpt2 (learned positions, LayerNorm, GELU) | llama (RoPE, RMSNorm, SwiGLU, GQA)",
         ("gpt2", "llama"),
@@ -95,16 +85,17 @@ class ModelConfig(Section):
     tie_embeddings: bool = opt(True, "output head shares the token embedding (gpt2: always)")
     rope_theta: float = opt(10000.0, "llama: RoPE base frequency")
     norm_eps: float = opt(1e-5, "llama: RMSNorm epsilon (gpt2's LayerNorm keeps 1e-5)")
+
+    def validate(self) -> None:
+        self._check_positive("n_layer", "n_head", "n_embd", "block_size")
+        self._check_positive("vocab_size", "n_kv_head", "intermediate_size", allow_zero=True)
+        self._check_positive("rope_theta", "norm_eps")
+        self._check_within("[0, 1)", "dropout")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"--model.n_embd ({self.n_embd}) must be divisible by --model.n_head ({self.n_head})"
+            )
         parse_activation_checkpointing(self.activation_checkpointing)
-
-
-@dataclass
-class OptimConfig(Section):
-    SECTION = "optim"
-
-    name: str = opt("adamw", "optimizer", ("sgd", "momentum", "adam", "adamw", "muon"))
-    impl: str = opt("torch", "torch (fused where available) or reference", ("torch", "reference"))
-    lr: float = opt(6e-4, "peak learning rate")
         if self.arch == "llama" and self.n_head % self.kv_heads:
             raise UserError(
                 f"--model.n_head ({self.n_head}) must be a multiple of --model.n_kv_head "
@@ -135,6 +126,15 @@ class OptimConfig(Section):
             return self.intermediate_size
         m = 256 if self.n_embd >= 1024 else 64
         return -(-(8 * self.n_embd // 3) // m) * m
+
+
+@dataclass
+class OptimConfig(Section):
+    SECTION = "optim"
+
+    name: str = opt("adamw", "optimizer", ("sgd", "momentum", "adam", "adamw", "muon"))
+    impl: str = opt("torch", "torch (fused where available) or reference", ("torch", "reference"))
+    lr: float = opt(6e-4, "peak learning rate")
     min_lr: float = opt(-1.0, "final learning rate of the decay (negative = lr / 10)")
     weight_decay: float = opt(0.1, "decay on matrices (dim >= 2); biases and norms get 0")
     beta1: float = opt(0.9, "Adam first-moment decay")
