@@ -175,10 +175,12 @@ def main() -> None:
         data, run, export = out / "data", out / "run", out / "hf"
         if not (data / "meta.json").is_file():
             stalwart("prepare", *source_files(), "--out", data)
-        stalwart("train", "--quiet", "--config", "configs/tiny-cpu.toml", "--data.dir", data,
-                 "--run.dir", run, "--run.resume", "auto", "--train.max_steps", args.steps,
-                 "--eval.tasks", "none", "--train.dashboard", "false", "--train.sample_tokens", 0,
-                 "--ckpt.interval", args.steps)  # fmt: skip
+        done = run / "checkpoints" / f"step_{args.steps:08d}"
+        if not done.is_dir():
+            stalwart("train", "--quiet", "--config", "configs/tiny-cpu.toml", "--data.dir", data,
+                     "--run.dir", run, "--train.max_steps", args.steps, "--eval.tasks", "none",
+                     "--schedule.warmup_steps", min(30, args.steps // 2), "--train.dashboard",
+                     "false", "--train.sample_tokens", 0, "--ckpt.interval", args.steps)  # fmt: skip
         stalwart("export", run, "--format", "hf", "--out", export, "--force")
     hs, nl = out / "hellaswag.jsonl", out / "next-line.jsonl"
     hellaswag_file(hs, args.n)

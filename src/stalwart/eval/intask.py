@@ -71,10 +71,11 @@ class TaskSuite:
         # one all-reduce for every task: (correct, correct_norm, n) per task, summed over ranks
         total = parallel.sum_across_ranks(torch.tensor(counts, dtype=torch.float64), ctx)
         record = {}
-        for k, (name, _) in enumerate(self.tasks):
+        for k, (name, examples) in enumerate(self.tasks):
             right, right_norm, n = (float(v) for v in total[3 * k : 3 * k + 3])
             record[f"task/{name}/acc"] = right / n
             record[f"task/{name}/acc_norm"] = right_norm / n
+            record[f"task/{name}/chance"] = sum(1 / len(e.choices) for e in examples) / n
         return record
 
 

@@ -102,18 +102,21 @@ def load_task(task: str, path: str | Path) -> list[Example]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"task file {p} not found")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p} is not UTF-8 text (byte {e.start}): a task file is jsonl") from None
     out = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{p}:{n}"
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-            _check(doc, where, task)
-            out.append(hellaswag_example(doc) if task == "hellaswag" else mc_example(doc))
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{p}:{n}"
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        _check(doc, where, task)
+        out.append(hellaswag_example(doc) if task == "hellaswag" else mc_example(doc))
     if not out:
         raise UserError(f"{p} holds no examples")
     return out

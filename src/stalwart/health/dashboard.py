@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stalwart.health import dashboard_panels as panels
+from stalwart.health.dashboard_eval import eval_section
 from stalwart.health.dashboard_html import to_html
 from stalwart.health.dashboard_panels import COLORS, View, num, series
 from stalwart.health.doctor import Report, diagnose_run, load_run_config
@@ -213,7 +214,8 @@ def write_dashboard(run_dir: str | Path) -> tuple[Path, Path, dict]:
     run = split_records(read_metrics(run_dir / "metrics.jsonl"))
     png, page = run_dir / "dashboard.png", run_dir / "dashboard.html"
     boxes = render(run, cfg.optim.grad_clip, _title(run_dir, run, report), png)
-    page.write_text(to_html(report, run, png.read_bytes(), drawing_note(run)))
+    downstream = eval_section(run.train, run_dir / "samples.jsonl")  # tasks, samples
+    page.write_text(to_html(report, run, png.read_bytes(), drawing_note(run), downstream))
     return png, page, boxes
 
 

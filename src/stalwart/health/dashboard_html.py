@@ -9,9 +9,10 @@ import base64
 import html
 
 
-def to_html(report, run, png_bytes: bytes, note: str = "") -> str:
+def to_html(report, run, png_bytes: bytes, note: str = "", downstream: str = "") -> str:
     """`report`: the doctor's Report; `run`: dashboard.RunData; `note`: how a long run was
-    drawn (empty for a short one); the style inline."""
+    drawn (empty for a short one); `downstream`: task accuracy and samples (dashboard_eval);
+    the style inline."""
     e = html.escape
     img = base64.b64encode(png_bytes).decode("ascii")
     rows = "".join(
@@ -48,5 +49,6 @@ img {{ width: 100%; max-width: 1100px; }} p.note {{ color: #555; font-size: 0.9e
 <h2>Dashboard</h2>{f"<p class='note'>{e(note)}</p>" if note else ""}
 <img alt="train loss, val loss, grad norm, learning rate and throughput against the step"
  src="data:image/png;base64,{img}">
+{downstream}
 </body></html>
 """
