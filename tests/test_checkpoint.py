@@ -109,7 +109,7 @@ def test_checkpoint_holds_the_complete_state_and_the_tokenizer(tmp_path, tiny_da
     assert state["loader"] == {"position": 4} and state["threads"] == 1
     assert {"python", "numpy", "torch"} <= set(state["rng"])
     assert state["optimizer"]["state"] and "health" in state and "scaler" in state
-    assert state["config"]["model"]["n_embd"] == 64 and state["data_meta"]["vocab_size"] == 256
+    assert state["config"]["model"]["n_embd"] == 64 and state["data_meta"]["vocab_size"] == 257
     assert state["probe"]["precision"] == "fp32" and math.isfinite(state["probe"]["loss"])
     for key in ("step", "tokens", "best_val", "val_loss", "kind"):
         assert key in info.manifest
@@ -399,7 +399,7 @@ def test_async_save_error_surfaces_in_the_training_thread(tmp_path, tiny_data):
 def _live_parts(tmp_path, tiny_data):
     """(config, fresh live objects of the tiny model) as a process builds them for a run."""
     cfg = tiny_config(tmp_path, tiny_data)
-    model = build_model(cfg.model, 256)
+    model = build_model(cfg.model, 257)
     opt = build_optimizer(cfg.optim, model)
     scaler = build_precision("fp32", torch.device("cpu")).scaler
     loader = BatchLoader(open_dataset(tiny_data).train, 32, 8, 1, cfg.run.seed)

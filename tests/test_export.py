@@ -71,7 +71,7 @@ def test_hf_directory_layout(trained):
         32,
         64,
         2,
-        256,
+        257,  # the byte vocabulary: 256 bytes + end-of-text
     )
     hf = load_file(str(trained.hf / "model.safetensors"))
     ours = trained.model.state_dict()
@@ -193,7 +193,7 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 def test_round_trip_hf_dir_init_from_train_export_is_bit_identical(trained, tf, tmp_path):
     # a directory written by transformers itself, not by us
     config = tf.GPT2Config(
-        vocab_size=256, n_positions=32, n_embd=64, n_layer=2, n_head=2, bos_token_id=None,
+        vocab_size=257, n_positions=32, n_embd=64, n_layer=2, n_head=2, bos_token_id=None,
         eos_token_id=None,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -214,7 +214,7 @@ def test_round_trip_hf_dir_init_from_train_export_is_bit_identical(trained, tf, 
         load_file(str(tmp_path / "theirs" / "model.safetensors")),
     )
     # and our own export goes round the same way
-    model = build_model(trained.model.cfg, 256)
+    model = build_model(trained.model.cfg, 257)
     load_init_weights(model, trained.hf)
     _assert_same_weights(model.state_dict(), trained.model.state_dict())
 
@@ -222,7 +222,7 @@ def test_round_trip_hf_dir_init_from_train_export_is_bit_identical(trained, tf, 
 def _nanogpt_ckpt(model, path: Path, **overrides) -> Path:
     """What nanoGPT's train.py saves (compiled model: `_orig_mod.` prefixes, tied head twice)."""
     sd = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
-    args = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, bias=True, vocab_size=256)
+    args = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, bias=True, vocab_size=257)
     opt = torch.optim.AdamW(model.parameters())
     torch.save(
         {
@@ -240,9 +240,9 @@ def _nanogpt_ckpt(model, path: Path, **overrides) -> Path:
 
 def test_nanogpt_ckpt_imports(trained, tmp_path):
     ckpt = _nanogpt_ckpt(trained.model, tmp_path / "ckpt.pt")
-    model = build_model(trained.model.cfg, 256)
+    model = build_model(trained.model.cfg, 257)
     src = load_init_weights(model, ckpt)
-    assert src["n_head"] == 2 and src["vocab_size"] == 256
+    assert src["n_head"] == 2 and src["vocab_size"] == 257
     _assert_same_weights(model.state_dict(), trained.model.state_dict())
 
 
@@ -290,8 +290,8 @@ def test_mismatched_vocabulary_names_the_difference(trained, tmp_path, capsys):
         tmp_path / "ckpt.pt",
         **{"_orig_mod.transformer.wte.weight": wte, "_orig_mod.lm_head.weight": wte},
     )
-    with pytest.raises(UserError, match=r"vocab_size is 300, the model's 256"):
-        load_init_weights(build_model(trained.model.cfg, 256), ckpt)
+    with pytest.raises(UserError, match=r"vocab_size is 300, the model's 257"):
+        load_init_weights(build_model(trained.model.cfg, 257), ckpt)
     flags = ["--run.init_from", ckpt, "--model.n_layer", "3"]
     line = _user_error(
         capsys,
@@ -327,11 +327,11 @@ def test_bias_free_model_exports_zero_biases_and_comes_back(trained, tf, tmp_pat
     x = torch.tensor([ByteTokenizer().encode(TEXT)[:32]])
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, result.model.eval()(x)[0], atol=1e-5, rtol=0)
-    back = build_model(result.model.cfg, 256)  # bias=False: the zeros are dropped on the way in
+    back = build_model(result.model.cfg, 257)  # bias=False: the zeros are dropped on the way in
     load_init_weights(back, tmp_path / "hf")
     _assert_same_weights(back.state_dict(), result.model.state_dict())
     with pytest.raises(UserError, match=r"set --model.bias false"):
-        load_init_weights(build_model(trained.model.cfg, 256), tmp_path / "run")
+        load_init_weights(build_model(trained.model.cfg, 257), tmp_path / "run")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -314,8 +314,9 @@ def test_divergence_after_a_restore_without_optimizer_state(tmp_path, tiny_data)
 def test_out_of_range_token_ids_stop_cleanly(tmp_path, tiny_data):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    train_bin = np.memmap(data / "train.bin", dtype=np.uint16, mode="r+")
-    train_bin[::40] = 300  # ids a byte vocabulary (256) has no embedding row for
+    shard = json.loads((data / "meta.json").read_text())["shards"]["train"][0]["file"]
+    train_bin = np.memmap(data / shard, dtype=np.uint16, mode="r+")
+    train_bin[::40] = 300  # ids a byte vocabulary (257) has no embedding row for
     train_bin.flush()
     del train_bin
     result, records = _run(tmp_path / "r", data, "--train.max_steps", 8)

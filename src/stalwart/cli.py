@@ -29,7 +29,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def cmd_prepare(args, rest) -> int:
     from stalwart.data.prepare import prepare
 
-    meta = prepare(args.inputs, args.tokenizer, args.out, val_frac=args.val_frac, force=args.force)
+    meta = prepare(
+        args.inputs, args.tokenizer, args.out, val_frac=args.val_frac, force=args.force,
+        val_tokens=args.val_tokens, workers=args.workers, shard_tokens=args.shard_tokens,
+        text_field=args.text_field, hf_dataset=args.hf_dataset,
+        bpe_sample_bytes=args.bpe_sample_bytes, progress=not args.quiet,
+    )  # fmt: skip
     base = meta["baselines_bits_per_byte"]
     print(
         f"{args.out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
@@ -190,10 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("prepare", help="tokenize text into a dataset directory")
-    s.add_argument("inputs", nargs="*", help="files/dirs of text or .jsonl; none = Python stdlib")
-    s.add_argument("--tokenizer", default="byte", help="byte | bpe:N | gpt2")
+    s.add_argument(
+        "inputs", nargs="*",
+        help="files/dirs: text, .jsonl[.gz|.zst], .txt.gz, .parquet; none = the Python stdlib",
+    )  # fmt: skip
+    s.add_argument(
+        "--tokenizer", default="byte", help="byte | bpe:N | gpt2 | gpt2:FILE (a local .tiktoken)"
+    )
     s.add_argument("--out", required=True, help="dataset directory to create")
     s.add_argument("--val-frac", type=float, default=0.1, help="held-out fraction (0.1)")
+    s.add_argument("--val-tokens", type=int, default=10_000_000, help="held-out cap (10M)")
+    s.add_argument("--workers", type=int, default=0, help="tokenizing processes (0 = every core)")
+    s.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
+    s.add_argument("--text-field", default="text", help="jsonl/parquet/HF text field (text)")
+    s.add_argument("--hf-dataset", help="NAME[:SPLIT] of the HF hub, streamed (needs datasets)")
+    s.add_argument(
+        "--bpe-sample-bytes", type=int, default=100_000_000, help="bpe:N trains on this much"
+    )
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
     s.add_argument("--force", action="store_true", help="replace an existing dataset")
     s.set_defaults(fn=cmd_prepare)
 

@@ -57,7 +57,14 @@ class RunConfig(Section):
 class DataConfig(Section):
     SECTION = "data"
 
-    dir: str = opt("data/stdlib-byte", "prepared dataset dir (train.bin, val.bin, meta.json)")
+    dir: str = opt("data/stdlib-byte", "prepared dataset dir (meta.json + token shards)")
+    sampling: str = opt(
+        "random",
+        "random: windows at seeded random offsets | epoch: every non-overlapping window once "
+        "per epoch, in a seeded order",
+        choices=("random", "epoch"),
+    )
+    prefetch: bool = opt(True, "build the next batch in a background thread while a step runs")
 
 
 @dataclass

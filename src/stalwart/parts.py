@@ -58,8 +58,9 @@ def build_batches(cfg: Config, data, micro: int, ctx) -> tuple[BatchLoader, list
     probe's batch (the same on every rank, so the probe does not depend on the world size)."""
     block, seed = cfg.model.block_size, cfg.run.seed
     loader = BatchLoader(
-        data.train, block, micro, cfg.train.grad_accum, seed, ctx.rank, ctx.world_size, ctx.device
-    )
+        data.train, block, micro, cfg.train.grad_accum, seed, ctx.rank, ctx.world_size, ctx.device,
+        sampling=cfg.data.sampling, prefetch=cfg.data.prefetch,
+    )  # fmt: skip
     n_val = parallel.eval_batches_total(cfg.train.eval_batches, ctx)
     val = eval_batches(data.val, block, micro, n_val, seed, ctx.rank, ctx.world_size)
     return loader, val, eval_batches(data.val, block, micro, 1, seed)

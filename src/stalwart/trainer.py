@@ -328,6 +328,8 @@ class Trainer:
         }
         if step.action != "apply":
             record["skipped"] = True
+        if self.cfg.data.sampling == "epoch":
+            record["epoch"] = self.loader.epoch  # the epoch the next batch is drawn from
         last = loop.step == t.max_steps
         if loop.step % t.log_interval == 0 or last:
             self._add_throughput(record)

@@ -6,7 +6,7 @@
   merges whose 256 tokens are GPT-2's byte-to-unicode characters, id b for byte b, behind a
   ByteLevel pre-tokenizer (text -> UTF-8 bytes -> those characters) and decoder. Encoding is then
   exactly `list(text.encode("utf-8"))` and decoding exactly `bytes(ids).decode("utf-8")`, for any
-  text, non-ASCII included.
+  text, non-ASCII included; `<|endoftext|>` is the special token 256, as in stalwart.
 - `gpt2` (tiktoken) is converted from tiktoken's merge ranks when they can be loaded.
 Only `tokenizers` is needed here (a core dependency); transformers is not imported.
 """
@@ -79,7 +79,9 @@ def tiktoken_to_tokenizers(enc):
 def to_tokenizers(tok: Tokenizer):
     """The `tokenizers.Tokenizer` equivalent of a stalwart tokenizer."""
     if tok.spec == "byte":
-        return byte_level_tokenizer()
+        out = byte_level_tokenizer()
+        out.add_special_tokens([EOT])  # id 256: the separator prepare writes between documents
+        return out
     if isinstance(tok, HFTokenizer):
         return tok._tok
     return tiktoken_to_tokenizers(tok._enc)  # gpt2 via tiktoken

@@ -1,140 +1,392 @@
-"""`stalwart prepare`: text -> tokens -> train.bin / val.bin / meta.json.
+"""`stalwart prepare`: documents -> token shards + meta.json, streaming, parallel, resumable.
 
-Inputs are text files, directories of them, `.jsonl` files with a `text` field, or nothing: the
-built-in corpus, the Python standard library's own source, which exists wherever Python does.
-Documents are shuffled with a fixed seed (so the held-out 10% is representative, not the
-alphabetical tail), concatenated, and split 90/10 on the token stream. The output directory is
-written to a temporary sibling and renamed into place, so a failed prepare never leaves half a
-dataset and never touches an existing one.
+The documents flow through in batches of about `BATCH_CHARS` characters (sources.py reads them
+one at a time); `workers` processes tokenize batches (encode.py) while this process reads the
+next ones and writes results, in order, into token shards (shards.py). Nothing proportional to
+the corpus is held: memory is a few batches per worker. Each document ends with end-of-text and
+goes to the train or held-out split by a hash of its text, capped at `val_tokens`.
+
+Atomic and resumable: everything is written into `.OUT.partial/` beside OUT, which holds no
+meta.json (so it never opens as a dataset) until the end, when it is renamed to OUT. At every
+finished shard (and every 30 s) the shards are synced and `progress.json` records how many
+documents are done; a rerun of the same command after a crash continues from there (a changed
+command or changed inputs start over). A user error removes the partial output.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-import lzma
 import math
 import os
-import random
 import shutil
-import sys
-import sysconfig
 import time
-import zlib
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
-from stalwart.data.tokenizer import ByteTokenizer, HFTokenizer, TiktokenGPT2, parse_spec
+from stalwart.data import encode
+from stalwart.data.shards import ShardWriter, cut_tail
+from stalwart.data.sources import Corpus, stdlib_sources
+from stalwart.data.stats import Meter, compressor_baselines, say
+from stalwart.data.tokenizer import GPT2_FILE, ByteTokenizer, HFTokenizer, parse_spec
 from stalwart.errors import UserError
+from stalwart.eval.builtin_task import make_next_line_task
 
-SPLIT_SEED = 1337
+__all__ = ["prepare", "bits_per_byte", "check_ids", "stdlib_sources"]
 
-
-def stdlib_sources() -> list[Path]:
-    """`*.py` of the standard library, without tests and site-packages (about 12 MB)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip_dirs = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-    out = []
-    for p in sorted(root.rglob("*.py")):
-        rel = p.relative_to(root).parts
-        if any(part in skip_dirs for part in rel[:-1]) or rel[-1].startswith("test_"):
-            continue
-        out.append(p)
-    return out
+FORMAT = 2
+BATCH_CHARS = 1 << 20
+SYNC_EVERY_S = 30.0
+HELDOUT = "heldout.jsonl"  # held-out documents kept for the baselines (and the built-in task)
+TASK_FILE = "tasks/next-line.jsonl"
 
 
-def _read_documents(inputs: list[str]) -> tuple[list[tuple[str, str]], dict]:
-    """(name, text) pairs plus a description of the sources for meta.json."""
-    if not inputs:
-        paths = stdlib_sources()
-        root = Path(sysconfig.get_paths()["stdlib"])
-        docs = [(str(p.relative_to(root)), p.read_text("utf-8", errors="replace")) for p in paths]
-        source = {
-            "kind": "python-stdlib",
-            "python_version": sys.version.split()[0],
-            "root": str(root),
-        }
-        return docs, source
-    docs: list[tuple[str, str]] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and not _hidden(f, p))
-            for f in files:
-                text = _read_text(f, strict=False)
-                if text is not None:
-                    docs.append((str(f), text))
-        elif p.is_file():
-            if p.suffix == ".jsonl":
-                docs.extend(_read_jsonl(p))
-            else:
-                docs.append((str(p), _read_text(p, strict=True)))
-        else:
-            raise UserError(f"input {item} does not exist: pass text files or directories")
-        _progress(f"read {len(docs)} documents")
-    return docs, {"kind": "files", "inputs": [str(Path(i).resolve()) for i in inputs]}
-
-
-def _hidden(f: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in f.relative_to(root).parts)
-
-
-def _read_text(path: Path, strict: bool) -> str | None:
-    data = path.read_bytes()
+def prepare(
+    inputs: list[str],
+    tokenizer: str,
+    out: str | Path,
+    val_frac: float = 0.1,
+    force: bool = False,
+    *,
+    val_tokens: int = 10_000_000,
+    workers: int | None = None,
+    shard_tokens: int = 100_000_000,
+    text_field: str = "text",
+    hf_dataset: str | None = None,
+    bpe_sample_bytes: int = 100_000_000,
+    baseline_bytes: int = 2_000_000,
+    progress: bool = True,
+) -> dict:
+    """Build a dataset directory; returns its meta.json contents."""
+    kind, _, vocab_file = parse_spec(tokenizer)
+    _check_numbers(val_frac, val_tokens, workers, shard_tokens, bpe_sample_bytes, baseline_bytes)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} already exists and is not empty: choose another --out or --force")
+    corpus = Corpus(inputs, text_field, hf_dataset)
+    workers = workers or len(os.sched_getaffinity(0))
+    settings = {
+        "tokenizer": tokenizer, "val_frac": val_frac, "val_tokens": val_tokens,
+        "shard_tokens": shard_tokens, "bpe_sample_bytes": bpe_sample_bytes,
+        "baseline_bytes": baseline_bytes, "corpus": corpus.fingerprint(),
+    }  # fmt: skip
+    work = out.parent / f".{out.name}.partial"
+    state = _resume_state(work, settings)
     try:
-        if b"\0" in data:
-            raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        if strict:
-            raise UserError(f"{path} is not UTF-8 text: convert it or leave it out") from None
-        return None  # binary files inside a directory are skipped
+        tok = _tokenizer(
+            kind, tokenizer, vocab_file, corpus, work, state, val_frac, bpe_sample_bytes
+        )
+        job = _Job(work, corpus, tok, settings, state, progress)
+        job.run(workers)
+        meta = job.finish()
+        _publish(work, out)
+    except UserError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    except OSError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise UserError(
+                f"the disk filled up while writing {work} ({os.strerror(e.errno)}): free space "
+                "or choose an --out on a larger disk; nothing was kept"
+            ) from None
+        raise
+    say(f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens")
+    return meta
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, str]]:
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{lineno} is not valid JSON") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise UserError(f'{path}:{lineno} has no string "text" field')
-            docs.append((f"{path}:{lineno}", obj["text"]))
-    return docs
+def _check_numbers(val_frac, val_tokens, workers, shard_tokens, bpe_sample, baseline) -> None:
+    if not 0.0 < val_frac < 1.0:
+        raise UserError(f"--val-frac must be between 0 and 1, got {val_frac}")
+    for flag, value in (("--val-tokens", val_tokens), ("--shard-tokens", shard_tokens),
+                        ("--bpe-sample-bytes", bpe_sample), ("--workers", workers or 1)):  # fmt: skip
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if baseline < 0:
+        raise UserError(f"baseline_bytes must be >= 0, got {baseline}")
 
 
-_last_progress = [0.0]
+def _resume_state(work: Path, settings: dict) -> dict | None:
+    """The progress of an interrupted run of the same command, or None (and a clean start)."""
+    try:
+        state = json.loads((work / "progress.json").read_text())
+    except (OSError, ValueError):
+        state = None
+    if state and state.get("settings") == json.loads(json.dumps(settings)):
+        say(f"resuming {work}: {state['docs']:,} documents already done")
+        return state
+    if work.exists():
+        say(f"starting over: {work} is from another command or other inputs")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return None
 
 
-def _progress(msg: str, force: bool = False) -> None:
-    """A status line on stderr at most every 2 s: big inputs show that work is happening."""
-    now = time.monotonic()
-    if force or now - _last_progress[0] > 2.0:
-        _last_progress[0] = now
-        print(f"prepare: {msg}", file=sys.stderr, flush=True)
+def _tokenizer(kind, spec, vocab_file, corpus, work, state, val_frac, sample_bytes):
+    """Built once here (failing fast, e.g. offline) and recreated the same way in each worker
+    from (spec, work dir): BPE's tokenizer.json and GPT-2's vocabulary live in the work dir."""
+    if kind == "gpt2" and vocab_file and not (work / GPT2_FILE).is_file():
+        if not Path(vocab_file).is_file():
+            raise UserError(f"--tokenizer {spec}: no such file (a .tiktoken vocabulary)")
+        shutil.copyfile(vocab_file, work / GPT2_FILE)
+    if kind == "bpe" and not (state and (work / "tokenizer.json").is_file()):
+        texts = _bpe_sample(corpus, val_frac, sample_bytes)
+        say(f"training a byte-level BPE of {parse_spec(spec)[1]} tokens on train documents")
+        HFTokenizer.train(texts, parse_spec(spec)[1]).save(work / "tokenizer.json")
+    encode.init_worker(spec, str(work), "uint32", val_frac)  # fails fast here, not in a worker
+    return encode._state["tok"]
 
 
-def _tokenize(docs: list[str], tok) -> np.ndarray:
-    """Concatenate the documents' tokens (separated by <|endoftext|> where the vocab has it)."""
-    parts: list[np.ndarray] = []
-    eot = [] if tok.eot_id is None else [tok.eot_id]
-    chunk = 256
-    for i in range(0, len(docs), chunk):
-        batch = docs[i : i + chunk]
-        if isinstance(tok, ByteTokenizer):
-            ids = [np.frombuffer(d.encode("utf-8"), dtype=np.uint8) for d in batch]
-        elif isinstance(tok, HFTokenizer):
-            ids = [np.asarray(x + eot, dtype=np.int64) for x in tok.encode_batch(batch)]
+def _bpe_sample(corpus: Corpus, val_frac: float, limit: int):
+    """The first `limit` bytes of *train* documents: held-out ones never shape the vocabulary."""
+    threshold, seen = int(val_frac * 2**64), 0
+    for _, text in corpus:
+        data = text.encode("utf-8")
+        if seen >= limit:
+            return
+        if text and not encode.is_held_out(data, threshold):
+            seen += len(data)
+            yield text
+
+
+def _batches(corpus: Corpus, skip: int):
+    """(documents, how many were consumed) in batches of about BATCH_CHARS characters. Batch
+    boundaries depend only on the documents, so a resume that skips the first `skip` documents
+    (always a batch boundary) continues with the very same batches."""
+    batch, size, consumed = [], 0, 0
+    for doc in islice(corpus, skip, None):
+        consumed += 1
+        if not doc[1]:
+            continue  # an empty document is no document
+        batch.append(doc)
+        size += len(doc[1])
+        if size >= BATCH_CHARS:
+            yield batch, consumed
+            batch, size, consumed = [], 0, 0
+    if batch:
+        yield batch, consumed
+
+
+class _Job:
+    """One prepare run: the counters, the two shard writers and the held-out sample."""
+
+    def __init__(self, work: Path, corpus: Corpus, tok, settings: dict, state, progress: bool):
+        self.work, self.corpus, self.tok, self.settings = work, corpus, tok, settings
+        self.dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+        s = state or {}
+        self.docs = s.get("docs", 0)  # documents consumed, empty ones included
+        self.counts = s.get("counts", {"train_docs": 0, "val_docs": 0, "train_bytes": 0,
+                                       "val_bytes": 0, "moved_by_cap": 0})  # fmt: skip
+        self.byte_counts = np.array(s.get("byte_counts", [0] * 256), dtype=np.int64)
+        self.chain = s.get("chain", "")  # sha256 chained over batch digests: the corpus id
+        self.heldout_limit = None if corpus.builtin else settings["baseline_bytes"]
+        self.heldout_size = s.get("heldout_size", 0)
+        with open(work / HELDOUT, "ab") as f:
+            f.truncate(self.heldout_size)
+        shard = settings["shard_tokens"]
+        self.train = ShardWriter(work, "train", self.dtype, shard, s.get("train"))
+        self.val = ShardWriter(work, "val", self.dtype, shard, s.get("val"))
+        self.meter = Meter(corpus.bytes_total, enabled=progress)
+        self.last_sync = time.monotonic()
+
+    def run(self, workers: int) -> None:
+        batches = _batches(self.corpus, self.docs)
+        spec = self.settings["tokenizer"]
+        args = (spec, str(self.work), self.dtype.name, self.settings["val_frac"])
+        if workers == 1:
+            encode.init_worker(*args)
+            for batch, n in batches:
+                self._consume(batch, n, encode.encode_batch(batch))
+            return
+        ctx = get_context("spawn")  # no fork of a process that may hold threads (torch, arrow)
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=args)
+        try:
+            pending: deque = deque()  # in order, at most 2 per worker: bounded memory
+            for batch, n in batches:
+                pending.append((batch, n, pool.submit(encode.encode_batch, batch)))
+                if len(pending) >= 2 * workers:
+                    done, n_done, fut = pending.popleft()
+                    self._consume(done, n_done, fut.result())
+            while pending:
+                done, n_done, fut = pending.popleft()
+                self._consume(done, n_done, fut.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _consume(self, batch: list, consumed: int, enc: encode.Encoded) -> None:
+        """Route one batch's documents to the splits, in order; sync at shard ends."""
+        val = enc.val.copy()
+        cap, c = self.settings["val_tokens"], self.counts
+        room = cap - self.val.tokens
+        for i in np.flatnonzero(val):  # the cap: past it, held-out documents train instead
+            if enc.doc_tokens[i] > room:
+                val[i] = False
+                c["moved_by_cap"] += 1
+            else:
+                room -= int(enc.doc_tokens[i])
+        ends = np.cumsum(enc.doc_tokens)
+        starts = ends - enc.doc_tokens
+        if val.any():
+            for i in np.flatnonzero(val):
+                self.val.write(enc.tokens[starts[i] : ends[i]])
+                self._keep_heldout(*batch[i])
+            keep = [enc.tokens[s:e] for s, e, v in zip(starts, ends, val) if not v]
+            self.train.write(np.concatenate(keep) if keep else enc.tokens[:0])
         else:
-            ids = [np.asarray(tok.encode(d) + eot, dtype=np.int64) for d in batch]
-        parts.extend(ids)
-        _progress(f"tokenized {min(i + chunk, len(docs))}/{len(docs)} documents")
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+            self.train.write(enc.tokens)
+        c["val_docs"] += int(val.sum())
+        c["train_docs"] += len(val) - int(val.sum())
+        c["val_bytes"] += int(enc.doc_bytes[val].sum())
+        c["train_bytes"] += int(enc.doc_bytes[~val].sum())
+        self.byte_counts += enc.byte_counts
+        self.chain = _sha256((self.chain + enc.digest.hex()).encode())
+        self.docs += consumed
+        self.meter.add(
+            int(enc.doc_bytes.sum()), len(batch), len(enc.tokens), self.corpus.bytes_done
+        )
+        if (
+            self.train.finished_since_sync
+            or self.val.finished_since_sync
+            or (time.monotonic() - self.last_sync > SYNC_EVERY_S)
+        ):
+            self._sync()
+
+    def _keep_heldout(self, name: str, text: str) -> None:
+        if self.heldout_limit is not None and self.heldout_size >= self.heldout_limit:
+            return
+        line = (json.dumps({"name": name, "text": text}, ensure_ascii=False) + "\n").encode()
+        with open(self.work / HELDOUT, "ab") as f:
+            f.write(line)
+        self.heldout_size += len(line)
+
+    def _sync(self) -> None:
+        """Make the shards durable, then record how far they go (atomically: tmp + rename)."""
+        state = {
+            "settings": self.settings, "docs": self.docs, "counts": self.counts,
+            "byte_counts": self.byte_counts.tolist(), "chain": self.chain,
+            "heldout_size": self.heldout_size, "train": self.train.sync(), "val": self.val.sync(),
+        }  # fmt: skip
+        tmp = self.work / "progress.json.tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.work / "progress.json")
+        self.last_sync = time.monotonic()
+
+    def finish(self) -> dict:
+        train, val = self.train.close(), self.val.close()
+        if self.corpus.skipped:
+            say(f"skipped {len(self.corpus.skipped)} files that are not UTF-8 text, e.g. "
+                f"{self.corpus.skipped[0]}")  # fmt: skip
+        n_train, n_val = self.train.tokens, self.val.tokens
+        if n_train + n_val == 0:
+            raise UserError("the inputs hold no text: pass non-empty text files")
+        if n_val == 0 and n_train >= 4:  # e.g. one big file: hold out the tail of the stream
+            val = self._hold_out_tail(train)
+            n_train, n_val = self.train.tokens, self.val.tokens
+        if n_val == 0 or n_train < 2:
+            raise UserError(
+                f"the inputs are too small to split ({self.counts['train_docs'] + self.counts['val_docs']} "
+                f"documents, {n_train + n_val} tokens; held out: {n_val}): add more documents "
+                "or raise --val-frac"
+            )
+        heldout = _read_heldout(self.work / HELDOUT)
+        sample = "".join(t for _, t in heldout).encode()[: self.settings["baseline_bytes"]]
+        meta = self._meta(train, val, sample)
+        if self.corpus.builtin:
+            meta["tasks"] = {"next-line": self._task(heldout)}
+        (self.work / HELDOUT).unlink()
+        (self.work / "progress.json").unlink(missing_ok=True)
+        with open(self.work / "meta.json", "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return meta
+
+    def _hold_out_tail(self, train: list) -> list:
+        """Too few documents for the per-document rule to pick any (a single file, say): the
+        last val_frac of the train tokens (capped) are held out instead, as nanoGPT's
+        shakespeare does. Their bytes are counted by decoding them, end-of-text excluded."""
+        s, c, eot = self.settings, self.counts, self.tok.eot_id
+        n = min(max(1, round(self.train.tokens * s["val_frac"])), s["val_tokens"])
+        tail = cut_tail(self.work, train, self.dtype, n)
+        self.train.shards = train
+        self.val = ShardWriter(self.work, "val", self.dtype, s["shard_tokens"])
+        self.val.write(tail)
+        text = self.tok.decode(tail[tail != eot].tolist())
+        exact = isinstance(self.tok, ByteTokenizer)  # a cut may split a character: count ids
+        nbytes = int((tail != eot).sum()) if exact else len(text.encode("utf-8"))
+        c["val_bytes"], c["train_bytes"] = nbytes, c["train_bytes"] - nbytes
+        c["tail_held_out"] = True
+        self._keep_heldout("tail", text[: s["baseline_bytes"]])
+        return self.val.close()
+
+    def _meta(self, train: list, val: list, sample: bytes) -> dict:
+        c, s = self.counts, self.settings
+        return {
+            "format": FORMAT, "tokenizer": self.tok.spec, "vocab_size": self.tok.vocab_size,
+            "eot_id": self.tok.eot_id, "dtype": self.dtype.name,
+            "train_tokens": self.train.tokens, "val_tokens": self.val.tokens,
+            "train_bytes": c["train_bytes"], "val_bytes": c["val_bytes"],
+            "documents": c["train_docs"] + c["val_docs"],
+            "documents_by_split": {"train": c["train_docs"], "val": c["val_docs"]},
+            "skipped_files": len(self.corpus.skipped),
+            "shards": {"train": train, "val": val},
+            "split": {
+                "rule": "blake2b-64(utf-8 text) / 2**64 < val_frac, then the val_tokens cap",
+                "val_frac": s["val_frac"], "val_tokens_cap": s["val_tokens"],
+                "moved_to_train_by_cap": c["moved_by_cap"],
+                "tail_held_out": c.get("tail_held_out", False),
+            },
+            "source": {**self.corpus.source, "sha256": self.chain},
+            "baselines_bits_per_byte": compressor_baselines(sample, self.byte_counts),
+            "baseline_sample_bytes": len(sample),
+        }  # fmt: skip
+
+    def _task(self, heldout: list) -> dict:
+        try:
+            info = make_next_line_task(heldout, self.work / TASK_FILE, n=500, seed=0)
+        except ValueError as e:
+            raise UserError(f"the built-in task could not be written: {e}") from None
+        return {"file": TASK_FILE, "examples": info["examples"], "chance": info["chance"]}
+
+
+def _init(*args) -> None:
+    """A worker process: die with the parent (a SIGKILLed prepare leaves no orphans), then
+    build the tokenizer."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except OSError:
+        pass
+    encode.init_worker(*args)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_heldout(path: Path) -> list[tuple[str, str]]:
+    with open(path, encoding="utf-8") as f:
+        return [(d["name"], d["text"]) for d in map(json.loads, f)]
+
+
+def _publish(work: Path, out: Path) -> None:
+    """The finished dataset takes OUT's place; an old one (only with --force) goes after."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    work.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def check_ids(ids: np.ndarray, vocab_size: int, what: str) -> None:
@@ -144,101 +396,6 @@ def check_ids(ids: np.ndarray, vocab_size: int, what: str) -> None:
             f"{what} holds token id {int(ids.max())} outside the vocabulary of {vocab_size}: "
             "the data and tokenizer do not match; re-run prepare"
         )
-
-
-def _as_bytes(ids: np.ndarray, tok) -> bytes:
-    if isinstance(tok, ByteTokenizer):
-        return ids.astype(np.uint8).tobytes()
-    return tok.decode(ids.tolist()).encode("utf-8")
-
-
-def compressor_baselines(train_bytes: bytes, val_bytes: bytes) -> dict[str, float]:
-    """Bits per byte that general compressors (and a unigram model) reach on the held-out text."""
-    n = max(len(val_bytes), 1)
-    counts = np.bincount(np.frombuffer(train_bytes, dtype=np.uint8), minlength=256) + 1
-    logp = np.log2(counts / counts.sum())
-    val_counts = np.bincount(np.frombuffer(val_bytes, dtype=np.uint8), minlength=256)
-    return {
-        "gzip-9": 8 * len(zlib.compress(val_bytes, 9)) / n,
-        "xz-9": 8 * len(lzma.compress(val_bytes, preset=9)) / n,
-        "unigram": float(-(val_counts * logp).sum() / n),
-    }
-
-
-def prepare(
-    inputs: list[str],
-    tokenizer: str,
-    out: str | Path,
-    val_frac: float = 0.1,
-    force: bool = False,
-) -> dict:
-    """Build a dataset directory; returns its meta.json contents."""
-    kind, vocab = parse_spec(tokenizer)
-    out = Path(out)
-    if not 0.0 < val_frac < 1.0:
-        raise UserError(f"--val-frac must be between 0 and 1, got {val_frac}")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} already exists and is not empty: choose another --out or --force")
-    tok = TiktokenGPT2() if kind == "gpt2" else None  # fail fast offline, before reading
-    named_docs, source = _read_documents(inputs)
-    named_docs = [(n, t) for n, t in named_docs if t]
-    if not named_docs:
-        raise UserError("the inputs hold no text: pass non-empty text files")
-    digest = hashlib.sha256()
-    for name, text in sorted(named_docs):
-        digest.update(name.encode() + b"\0" + text.encode("utf-8") + b"\0")
-    random.Random(SPLIT_SEED).shuffle(named_docs)
-    docs = [t for _, t in named_docs]
-    if kind == "byte":
-        tok = ByteTokenizer()
-    elif kind == "bpe":
-        _progress(f"training a byte-level BPE of {vocab} tokens", force=True)
-        tok = HFTokenizer.train(docs, vocab)
-
-    ids = _tokenize(docs, tok)
-    check_ids(ids, tok.vocab_size, "the tokenized text")
-    n_val = max(1, int(round(len(ids) * val_frac)))
-    if len(ids) - n_val < 2:
-        raise UserError(f"the inputs are too small to split ({len(ids)} tokens): add more text")
-    train_ids, val_ids = ids[:-n_val], ids[-n_val:]
-    train_text, val_text = _as_bytes(train_ids, tok), _as_bytes(val_ids, tok)
-
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        train_ids.astype(dtype).tofile(tmp / "train.bin")
-        val_ids.astype(dtype).tofile(tmp / "val.bin")
-        if isinstance(tok, HFTokenizer):
-            tok.save(tmp / "tokenizer.json")
-        meta = {
-            "format": 1,
-            "tokenizer": tok.spec,
-            "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id,
-            "dtype": np.dtype(dtype).name,
-            "train_tokens": int(len(train_ids)),
-            "val_tokens": int(len(val_ids)),
-            "train_bytes": len(train_text),
-            "val_bytes": len(val_text),
-            "documents": len(docs),
-            "val_frac": val_frac,
-            "split_seed": SPLIT_SEED,
-            "source": {**source, "sha256": digest.hexdigest()},
-            "baselines_bits_per_byte": compressor_baselines(train_text, val_text),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)  # only reached with --force
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _progress(
-        f"wrote {out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens",
-        force=True,
-    )
-    return meta
 
 
 def bits_per_byte(loss_nats: float, meta: dict) -> float:

@@ -1,9 +1,12 @@
-"""Tokenizers: `byte` (256 ids), `bpe:N` (byte-level BPE trained with HF tokenizers), `gpt2`.
+"""Tokenizers: `byte` (256 bytes + end-of-text), `bpe:N` (byte-level BPE trained with HF
+tokenizers), `gpt2[:FILE]` (OpenAI's GPT-2 vocabulary through tiktoken, from a local file).
 
-All three share one small interface: `encode(str) -> list[int]`, `decode(ids) -> str`,
-`vocab_size`, `eot_id` (None for bytes) and `spec` (the string that rebuilds it).
+All three share one small interface: `encode(str) -> list[int]` (ordinary text: no special
+tokens), `decode(ids) -> str`, `vocab_size`, `eot_id` (the end-of-text id that `prepare` puts
+after every document) and `spec` (the string that rebuilds it).
 A prepared dataset records the spec in meta.json; a BPE tokenizer is saved as tokenizer.json
-beside the data, so `load_tokenizer(data_dir)` always gets the one the data was made with.
+and a GPT-2 vocabulary file is copied beside the data, so `load_tokenizer(data_dir)` always gets
+the one the data was made with, offline.
 """
 
 from __future__ import annotations
@@ -27,17 +30,30 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens: 256 ids, no training, no unknowns, exact bits-per-byte."""
+    """UTF-8 bytes as tokens: id b is byte b, and id 256 is end-of-text (vocabulary 257).
+
+    The separator cannot be a byte: every byte value occurs in some UTF-8 text (NUL included),
+    so it is a 257th id, as GPT-2's <|endoftext|> is the id after its 50,256 merges. Documents
+    are separated by it in prepared data; `encode` never produces it (ordinary text only).
+    """
 
     spec = "byte"
-    vocab_size = 256
-    eot_id = None
+    vocab_size = 257
+    eot_id = 256
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Iterable[int]) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        # end-of-text is shown as GPT-2 shows its own; the bytes between are decoded as UTF-8
+        out, run = [], bytearray()
+        for i in ids:
+            if int(i) == self.eot_id:
+                out += [run.decode("utf-8", errors="replace"), EOT]
+                run = bytearray()
+            else:
+                run.append(int(i))
+        return "".join([*out, run.decode("utf-8", errors="replace")])
 
 
 class HFTokenizer:
@@ -86,59 +102,104 @@ class HFTokenizer:
 
 
 class TiktokenGPT2:
-    """OpenAI's GPT-2 vocabulary (50257 ids) through tiktoken, which downloads it once."""
+    """OpenAI's GPT-2 vocabulary (50257 ids) through tiktoken.
+
+    `path`: a local `.tiktoken` file (the r50k_base/gpt2 ranks, e.g. ../shared/data/gpt2.tiktoken)
+    -> the same ids as `tiktoken.get_encoding("gpt2")` with no network; None: tiktoken's own
+    download/cache.
+    """
 
     spec = "gpt2"
 
-    def __init__(self):
+    def __init__(self, path: str | Path | None = None):
         try:
             import tiktoken
         except ImportError:
             raise UserError(
                 "--tokenizer gpt2 needs tiktoken: pip install 'stalwart[gpt2]'"
             ) from None
-        try:
-            self._enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:  # tiktoken raises requests/OS errors of several kinds offline
-            raise UserError(
-                "the GPT-2 vocabulary could not be loaded (tiktoken downloads it once and this "
-                f"machine seems offline: {type(e).__name__}); use --tokenizer byte or bpe:N, or "
-                "set TIKTOKEN_CACHE_DIR to a directory holding the cached vocabulary"
-            ) from None
+        self.path = Path(path) if path else None
+        self._enc = _local_gpt2(tiktoken, self.path) if self.path else _cached_gpt2(tiktoken)
         self.vocab_size = self._enc.n_vocab
         self.eot_id = self._enc.eot_token
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts, num_threads=1)
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
 
 
-def parse_spec(spec: str) -> tuple[str, int]:
-    """'byte' | 'gpt2' | 'bpe:N' -> (kind, N)."""
+def _local_gpt2(tiktoken, path: Path):
+    from tiktoken.load import load_tiktoken_bpe
+
+    if not path.is_file():
+        raise UserError(f"--tokenizer gpt2:{path}: no such file (a .tiktoken vocabulary)")
+    try:
+        ranks = load_tiktoken_bpe(str(path))
+    except Exception as e:  # a wrong file: base64 or int parse errors of several kinds
+        raise UserError(f"{path} is not a .tiktoken vocabulary ({type(e).__name__})") from None
+    if len(ranks) != 50256:
+        raise UserError(f"{path} has {len(ranks)} ranks, GPT-2's has 50256: pass gpt2.tiktoken")
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256}
+    )
+
+
+def _cached_gpt2(tiktoken):
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises requests/OS errors of several kinds offline
+        raise UserError(
+            "the GPT-2 vocabulary could not be loaded (tiktoken downloads it once and this "
+            f"machine seems offline: {type(e).__name__}); pass a local file with "
+            "--tokenizer gpt2:FILE (e.g. ../shared/data/gpt2.tiktoken), or use --tokenizer byte "
+            "or bpe:N"
+        ) from None
+
+
+# GPT-2's pre-tokenizer split (tiktoken's r50k_pat_str)
+GPT2_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+GPT2_FILE = "gpt2.tiktoken"  # the vocabulary's copy inside a dataset prepared with gpt2:FILE
+
+
+def parse_spec(spec: str) -> tuple[str, int, str | None]:
+    """'byte' | 'gpt2' | 'gpt2:FILE' | 'bpe:N' -> (kind, vocabulary size, FILE or None)."""
     if spec == "byte":
-        return "byte", 256
-    if spec == "gpt2":
-        return "gpt2", 50257
+        return "byte", 257, None
+    if spec == "gpt2" or spec.startswith("gpt2:"):
+        return "gpt2", 50257, spec[5:] or None
     if spec.startswith("bpe:"):
         try:
             n = int(spec[4:])
         except ValueError:
             n = 0
         if 257 <= n <= 1 << 20:
-            return "bpe", n
-    raise UserError(f"--tokenizer must be byte, gpt2 or bpe:N (257 <= N), got {spec!r}")
+            return "bpe", n, None
+    raise UserError(
+        f"--tokenizer must be byte, gpt2, gpt2:FILE (.tiktoken) or bpe:N (257 <= N), got {spec!r}"
+    )
+
+
+def build_tokenizer(spec: str, data_dir: str | Path | None = None) -> Tokenizer:
+    """The tokenizer of a spec; `bpe:N` needs the dataset (or work) dir holding tokenizer.json."""
+    kind, _, path = parse_spec(spec)
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "gpt2":
+        local = Path(data_dir) / GPT2_FILE if data_dir else None
+        return TiktokenGPT2(local if local and local.is_file() else path)
+    path = Path(data_dir or ".") / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the dataset was made with {spec}; re-run prepare")
+    return HFTokenizer.load(path, spec)
 
 
 def load_tokenizer(data_dir: str | Path, spec: str) -> Tokenizer:
     """The tokenizer a dataset was prepared with (spec from its meta.json)."""
-    kind, _ = parse_spec(spec)
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind == "gpt2":
-        return TiktokenGPT2()
-    path = Path(data_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the dataset was made with {spec}; re-run prepare")
-    return HFTokenizer.load(path, spec)
+    return build_tokenizer(spec, data_dir)
