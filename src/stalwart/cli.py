@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from stalwart.config import help_text  # the config tree alone: no torch
 from stalwart.errors import UserError
 
 
@@ -22,8 +23,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
+    """A command that takes the config: --config, and every field in its --help."""
     p.add_argument("--config", help="TOML recipe, e.g. configs/tiny-cpu.toml")
-    p.epilog = "Any config field: --section.field VALUE (see `stalwart config`)."
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the fields' layout
+    p.epilog = help_text()
 
 
 def cmd_prepare(args, rest) -> int:
@@ -176,12 +179,11 @@ def cmd_experiment(args, rest) -> int:
 
 
 def cmd_config(args, rest) -> int:
-    from stalwart.config import help_text, load_config, to_toml
+    from stalwart.config import load_config, to_toml
 
     if args.config or rest:
         print(to_toml(load_config(args.config, rest)))
     else:
-        print("Config fields (TOML [section] field = value, or --section.field VALUE):")
         print(help_text())
     return 0
 

@@ -43,7 +43,9 @@ class RunConfig(Section):
     dir: str = opt("runs/default", "run directory: config.toml, metrics.jsonl, checkpoints/")
     seed: int = opt(42, "seed for python, numpy and torch (and the data order)")
     resume: str = opt(
-        "auto", "auto (newest valid checkpoint in run.dir), never (refuse a used dir), or a PATH"
+        "auto",
+        "auto (newest valid checkpoint in run.dir; refused if settings changed), allow-changes "
+        "(auto, continuing with changed settings), never (refuse a used dir), or a PATH",
     )
     init_from: str = opt("", "start from weights: a nanoGPT ckpt.pt or a Hugging Face GPT-2 dir")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N | mps")
@@ -208,7 +210,13 @@ class TrainConfig(Section):
         0.0, "peak FLOP/s that MFU is measured against (0 = the device table / CPU calibration)"
     )
     dashboard: bool = opt(True, "`stalwart train` ends by writing run.dir/dashboard.png, .html")
-    loggers: str = opt("none", "mirror metrics to: none, tensorboard, wandb (offline), or both")
+    loggers: str = opt("none", "mirror metrics to: none, tensorboard, wandb, or both (comma)")
+    wandb_project: str = opt("", "W&B project ('' = $WANDB_PROJECT, else 'stalwart')")
+    wandb_entity: str = opt("", "W&B entity ('' = $WANDB_ENTITY, else your default)")
+    wandb_mode: str = opt(
+        "", "W&B mode: online, offline, disabled ('' = $WANDB_MODE, else offline)",
+        ("", "online", "offline", "disabled"),
+    )  # fmt: skip
 
     def validate(self) -> None:
         self._check_positive("max_steps", "grad_accum", "log_interval", "eval_batches")
@@ -322,7 +330,10 @@ class ParallelConfig(Section):
     SECTION = "parallel"
 
     mode: str = opt(
-        "none", "data parallelism (ddp|fsdp|zero1 under torchrun)", ("none", "ddp", "fsdp", "zero1")
+        "auto",
+        "data parallelism: auto (ddp when torchrun starts several processes, else none), none, "
+        "ddp, fsdp or zero1",
+        ("auto", "none", "ddp", "fsdp", "zero1"),
     )
     backend: str = opt(
         "auto", "auto (nccl on CUDA, gloo on CPU), nccl or gloo", ("auto", "nccl", "gloo")
@@ -373,7 +384,7 @@ def load_config(config_file: str | None = None, overrides: list[str] | None = No
     cfg = Config()
     if config_file:
         load_toml(cfg, config_file)
-    for key, value, flag in parse_overrides(overrides or []):
+    for key, value, flag in parse_overrides(overrides or [], Config):
         set_field(cfg, key, value, flag)
     validate(cfg)
     # read-only from here on: a resolved value lives in the part that resolved it, and a

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:  # Python 3.11+; 3.10 reads TOML with tomli, the same parser
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 from stalwart.errors import UserError
 
@@ -195,8 +198,26 @@ def load_toml(root: Any, path: str | Path) -> None:
             set_field(root, f"{sec_name}.{name}", value, f"{path}: {sec_name}.{name}")
 
 
-def parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
-    """Turn ['--a.b', '1', '--c.d=x'] into [('a.b', '1', '--a.b'), ('c.d', 'x', '--c.d')]."""
+_BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off")
+
+
+def _fields_by_type(root_cls: type | None) -> dict[str, Any]:
+    if root_cls is None:
+        return {}
+    return {
+        f"{sec.name}.{f.name}": f.type_cls
+        for sec in fields_of(root_cls)
+        for f in fields_of(sec.type_cls)
+    }
+
+
+def parse_overrides(argv: list[str], root_cls: type | None = None) -> list[tuple[str, str, str]]:
+    """Turn ['--a.b', '1', '--c.d=x'] into [('a.b', '1', '--a.b'), ('c.d', 'x', '--c.d')].
+
+    With the tree's class, boolean fields are flags too: a bare `--train.compile` means true
+    (unless a boolean word follows: `--train.compile false`), `--no-train.compile` false."""
+    types_ = _fields_by_type(root_cls)
+    bools = {k for k, t in types_.items() if t is bool}
     out = []
     i = 0
     while i < len(argv):
@@ -204,13 +225,22 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
         if not arg.startswith("--"):
             raise UserError(f"unexpected argument {arg!r}: options look like --section.field VALUE")
         key = arg[2:]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
         if "=" in key:
             key, value = key.split("=", 1)
             i += 1
+        elif key.startswith("no-") and key[3:] in bools:
+            key, value = key[3:], "false"
+            i += 1
+        elif key.startswith("no-") and key[3:] in types_:
+            raise UserError(f"unknown option {arg}: only booleans have a --no- form")
+        elif key in bools and (nxt is None or nxt.lower() not in _BOOL_WORDS):
+            value = "true"
+            i += 1
         else:
-            if i + 1 >= len(argv):
+            if nxt is None:
                 raise UserError(f"{arg} needs a value")
-            value = argv[i + 1]
+            value = nxt
             i += 2
         out.append((key, value, f"--{key}"))
     return out
@@ -246,12 +276,26 @@ def to_toml(root: Any) -> str:
     return "\n".join(lines)
 
 
+def _type_name(t: Any) -> str:
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return "|".join(_type_name(a) for a in typing.get_args(t))
+    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}.get(t, str(t))
+
+
 def help_text(root_cls: type) -> str:
-    """Every field with its type, default and help, for `stalwart train --help`."""
-    lines = []
+    """Every field, grouped by section, with its type, default, choices and help: the
+    `--help` of every command that takes the config, and `stalwart config`."""
+    lines = [
+        "config fields (TOML: [section] name = value; command line: --section.name VALUE;",
+        "booleans also as flags: --section.name for true, --no-section.name for false):",
+    ]
     for sec in fields_of(root_cls):
+        lines.append("")
+        lines.append(f"[{sec.name}]")
         for f in fields_of(sec.type_cls):
-            typ = getattr(f.type_cls, "__name__", str(f.type_cls))
-            lines.append(f"  --{sec.name}.{f.name} {typ.upper()}  (default {f.default!r})")
+            typ = _type_name(f.type_cls)
+            choices = f.metadata.get("choices")
+            typ = "|".join(choices) if choices else typ
+            lines.append(f"  --{sec.name}.{f.name} {typ}  (default: {f.default!r})")
             lines.append(f"      {f.metadata.get('help', '')}")
     return "\n".join(lines)

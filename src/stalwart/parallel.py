@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -73,19 +74,27 @@ def init(cfg: ParallelConfig, device_name: str) -> DistContext:
     """Join the process group that torchrun set up (or stay a single process)."""
     env = os.environ
     world = int(env.get("WORLD_SIZE", "1"))
-    if cfg.mode == "none":
+    mode = resolve_mode(cfg.mode, world)
+    if mode == "none":
         if world > 1:
             raise UserError(
                 f"WORLD_SIZE={world} (launched by torchrun) but --parallel.mode is none: "
-                "use --parallel.mode ddp, fsdp or zero1, or launch a single process"
+                "use --parallel.mode ddp, fsdp or zero1 (or auto), or launch a single process"
             )
         return DistContext(device=pick_device(device_name))
     missing = [v for v in _TORCHRUN_VARS if v not in env]
     if missing:
         raise UserError(
-            f"--parallel.mode {cfg.mode} needs a torchrun launch ({', '.join(missing)} not set): "
-            f"run `torchrun --nproc_per_node=N -m stalwart train ... --parallel.mode {cfg.mode}`"
+            f"--parallel.mode {mode} needs a torchrun launch ({', '.join(missing)} not set): "
+            f"run `torchrun --nproc_per_node=N -m stalwart train ... --parallel.mode {mode}`"
             ", or use --parallel.mode none for one process"
+        )
+    if cfg.mode == "auto" and int(env.get("RANK", "0")) == 0:
+        print(
+            f"parallel: WORLD_SIZE={world}, so --parallel.mode auto trains data parallel with "
+            "DDP (every rank a full replica; fsdp or zero1 shard the state)",
+            file=sys.stderr,
+            flush=True,
         )
     rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
     device = pick_device(device_name, local_rank)
@@ -107,7 +116,14 @@ def init(cfg: ParallelConfig, device_name: str) -> DistContext:
             world_size=world,
         )
     local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
-    return DistContext(rank, world, local_rank, device, cfg.mode, local_world, backend)
+    return DistContext(rank, world, local_rank, device, mode, local_world, backend)
+
+
+def resolve_mode(mode: str, world_size: int) -> str:
+    """`auto`: DDP when torchrun started several processes, one plain process otherwise."""
+    if mode != "auto":
+        return mode
+    return "ddp" if world_size > 1 else "none"
 
 
 def _restart_safe_store(timeout: datetime.timedelta):

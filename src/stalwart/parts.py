@@ -45,7 +45,7 @@ def resolve_micro_batch(cfg: Config, ctx) -> int:
         device_type=ctx.device.type,
         grad_accum=cfg.train.grad_accum,
         world_size=ctx.world_size,
-        zero=zero_stage(cfg.parallel.mode),
+        zero=zero_stage(ctx.mode),
     )
     if cfg.train.micro_batch == "auto":
         return auto_micro_batch(step, ctx.device)

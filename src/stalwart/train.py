@@ -15,17 +15,18 @@ __all__ = ["AfterStep", "Callback", "RunResult", "Trainer", "forward_backward", 
 
 
 def train(cfg: Config, progress: bool = True, callbacks=()) -> RunResult:
-    # build: data, model, optimizer, precision, parallel wrappers, checkpoints, the doctor
-    trainer = Trainer(cfg, progress=progress, callbacks=callbacks)
-    # resume: the newest valid checkpoint, every piece of state, self-checked
-    trainer.resume()
-    # SIGTERM/SIGINT: finish the step, save, return (every rank agrees at the step's sync)
-    with trainer.stop.installed():
-        while trainer.loop.step < trainer.cfg.train.max_steps and not trainer.stopping:
-            step = trainer.train_step()  # 1-6: lr, zero_grad, fwd/bwd, unscale, clip, update
-            if step.action == "stop":  # the doctor gives up (critical diagnosis; exit code 3)
-                break
-            if step.action == "rolled_back":  # a good checkpoint is back: start the step over
-                continue
-            trainer.end_of_step(step)  # 7: log; evaluate, health, checkpoint at intervals
-    return trainer.finish()
+    # build: data, model, optimizer, precision, parallel wrappers, checkpoints, the doctor;
+    # the run dir is locked until the run ends, however it ends
+    with Trainer(cfg, progress=progress, callbacks=callbacks) as trainer:
+        # resume: the newest valid checkpoint, every piece of state, self-checked
+        trainer.resume()
+        # SIGTERM/SIGINT: finish the step, save, return (every rank agrees at the step's sync)
+        with trainer.stop.installed():
+            while trainer.loop.step < trainer.cfg.train.max_steps and not trainer.stopping:
+                step = trainer.train_step()  # 1-6: lr, zero_grad, fwd/bwd, unscale, clip, update
+                if step.action == "stop":  # the doctor gives up (critical diagnosis; exit 3)
+                    break
+                if step.action == "rolled_back":  # a good checkpoint is back: step over
+                    continue
+                trainer.end_of_step(step)  # 7: log; evaluate, health, checkpoint at intervals
+        return trainer.finish()

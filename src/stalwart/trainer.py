@@ -45,6 +45,7 @@ from stalwart.parts import (
     with_vocab,
 )
 from stalwart.precision import build_precision
+from stalwart.rundir import RunDirLock
 from stalwart.stop import StopRequest
 
 
@@ -119,8 +120,17 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         seed_everything(cfg.run.seed)
         self.run_dir = Path(cfg.run.dir)
-        if self.ctx.is_main:
+        self.lock, lock_note = RunDirLock(self.run_dir), None
+        if self.ctx.is_main:  # one live run per run dir: a second one is refused (exit 2)
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            lock_note = self.lock.acquire()
+        try:
+            self._build(cfg, progress, lock_note)
+        except BaseException:  # a refused config, bad data, ...: the run dir is free again
+            self.lock.release()
+            raise
+
+    def _build(self, cfg: Config, progress: bool, lock_note: str | None) -> None:
         # ---- build: data, model, optimizer, precision, parallel wrappers ----------------------
         self.data = open_dataset(cfg.data.dir)
         self.vocab = resolve_vocab(cfg.model.vocab_size, self.data.meta)
@@ -163,6 +173,8 @@ class Trainer:
         self.loop = LoopState()
         self.display = Progress(cfg.train.max_steps, enabled=progress and self.ctx.is_main)
         self.say = self.display.message
+        if lock_note:
+            self.say(lock_note)
         self._build_checkpoints(cfg)
         self.max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         self.tokens_per_step = self.loader.global_batch * cfg.model.block_size
@@ -219,6 +231,12 @@ class Trainer:
         )  # fmt: skip
         self._resume = faults.wrap_resume(self.resumer.resume, cfg.debug, self.optimizer)
 
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()  # also when the run ends in an exception (the next may start)
+
     # ---- resume -----------------------------------------------------------------------------
 
     def resume(self) -> Path | None:
@@ -230,7 +248,7 @@ class Trainer:
         cfg = self.cfg
         log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.ctx.is_main)
         self.log = attach_loggers(  # TensorBoard, W&B
-            log, cfg.train, self.run_dir, to_dict(cfg), self.ctx.is_main
+            log, cfg.train, self.run_dir, to_dict(cfg), self.ctx.is_main, self.loop.step
         )
         self.resumer.attach_log(self.log)  # the resume records, then every later one
         self.saver.attach_log(self.log)  # every checkpoint record
@@ -397,6 +415,7 @@ class Trainer:
             self.raw_model, lambda: build_model(self.cfg.model, self.vocab), self.ctx
         )
         parallel.shutdown(self.ctx)
+        self.lock.release()
         return RunResult(
             self.run_dir,
             self.loop.step,

@@ -30,6 +30,7 @@ from stalwart.checkpoint.resume import (
 )
 from stalwart.checkpoint.state import TrainParts
 from stalwart.checkpoint.writer import join_writers
+from stalwart.errors import UserError
 from stalwart.logs.metrics import MetricsLog, truncate_after
 
 
@@ -92,7 +93,9 @@ class Resumer:
         strays = [t.name for t in ck.temp_dirs(self.root)]
         for name in strays:
             self.say(f"stray temporary directory {name} (an interrupted save): never loaded")
-        chosen = select_checkpoint(self.run_dir, self.mode, self.say)
+        # allow-changes: auto, and a change of settings is continued rather than refused
+        mode = "auto" if self.mode == "allow-changes" else self.mode
+        chosen = select_checkpoint(self.run_dir, mode, self.say)
         if chosen is None:
             if self.backend.is_main:  # records of a killed attempt that never saved are replayed
                 truncate_after(self.run_dir / "metrics.jsonl", 0)
@@ -103,6 +106,8 @@ class Resumer:
         changes = trainstate.check_compatible(
             state["config"], self.config, self.data_meta, state.get("data_meta")
         )
+        if self.mode == "auto":  # before anything is restored or truncated
+            _refuse_changed_settings(self.run_dir, state["config"], self.config)
         changes += adopt_threads(state.get("threads"), self.threads)
         changes += self._restore(path, model_state, state)
         step = self.parts.loop.step
@@ -157,3 +162,13 @@ class Resumer:
         for dest in set_aside_newer(self.root, step, restored):
             self.say(f"set aside {dest.name}: newer than the restored step {step}")
             self._emit({"event": "checkpoint_abandoned", "step": step, "path": str(dest)})
+
+
+def _refuse_changed_settings(run_dir: Path, saved: dict, now: dict) -> None:
+    changed = trainstate.changed_settings(saved, now)
+    if changed:
+        raise UserError(
+            f"{run_dir} holds a run trained with other settings ({'; '.join(changed)}): train "
+            "into a new --run.dir for a new run, or pass --run.resume allow-changes to continue "
+            "this one with the new values"
+        )

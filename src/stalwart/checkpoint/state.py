@@ -118,6 +118,32 @@ _IMMUTABLE = [
 ]
 
 
+# What a plain resume (run.resume auto) may change without being asked: how the run is executed
+# or recorded, never what it computes. Any other change (a new LR, a longer schedule, another
+# seed, other intervals) is refused unless run.resume is allow-changes (a mistaken re-run of a
+# sweep must not silently continue the old run).
+FREE_TO_CHANGE = {
+    "run": {"dir", "resume", "init_from", "device", "threads"},
+    "parallel": "*",  # the layout: results equal up to float rounding (docs/distributed.md)
+    "debug": "*",  # test and demo knobs
+    "train": {"log_interval", "loggers", "wandb_project", "wandb_entity", "wandb_mode",
+              "dashboard", "sample_tokens", "sample_interval"},
+    "ckpt": {"async_save", "resume_check"},
+}  # fmt: skip
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """The changes between the checkpoint's config and this run's that a plain resume refuses."""
+    out = []
+    for sec, body in now.items():
+        free = FREE_TO_CHANGE.get(sec, ())
+        for key, value in body.items():
+            old = saved.get(sec, {}).get(key, value)
+            if old != value and free != "*" and key not in free:
+                out.append(f"{sec}.{key} {old!r} -> {value!r}")
+    return out
+
+
 def check_compatible(saved: dict, now: dict, data_meta: dict, saved_meta: dict | None) -> list[str]:
     """Refuse a resume that cannot continue the same run; return the allowed changes made.
     `saved`, `now`: the checkpoint's config and this run's, as dicts (config.to_dict)."""

@@ -23,7 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
+try:  # Python 3.11+; 3.10 reads TOML with tomli, the same parser
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 from stalwart.checkpoint import format as ck
 from stalwart.checkpoint.backend import nonfinite_tensors
