@@ -1,0 +1,259 @@
+"""One prepare run: documents in batches -> worker processes -> token shards, in order.
+
+`Job` holds the counters, the two shard writers and the held-out sample; `run()` streams the
+batches through a bounded window of worker futures (at most 2 per worker: bounded memory) and
+`finish()` writes meta.json. prepare.py decides what to run and where (settings, resume, the
+tokenizer, publishing the result).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from stalwart.data import encode
+from stalwart.data.shards import ShardWriter, cut_tail
+from stalwart.data.sources import Corpus
+from stalwart.data.stats import Meter, compressor_baselines, say
+from stalwart.data.tokenizer import ByteTokenizer
+from stalwart.errors import UserError
+from stalwart.eval.builtin_task import make_next_line_task
+
+FORMAT = 2
+BATCH_CHARS = 1 << 20
+SYNC_EVERY_S = 30.0
+HELDOUT = "heldout.jsonl"  # held-out documents kept for the baselines (and the built-in task)
+TASK_FILE = "tasks/next-line.jsonl"
+
+
+def _batches(corpus: Corpus, skip: int):
+    """(documents, how many were consumed) in batches of about BATCH_CHARS characters. Batch
+    boundaries depend only on the documents, so a resume that skips the first `skip` documents
+    (always a batch boundary) continues with the very same batches."""
+    batch, size, consumed = [], 0, 0
+    for doc in islice(corpus, skip, None):
+        consumed += 1
+        if not doc[1]:
+            continue  # an empty document is no document
+        batch.append(doc)
+        size += len(doc[1])
+        if size >= BATCH_CHARS:
+            yield batch, consumed
+            batch, size, consumed = [], 0, 0
+    if batch:
+        yield batch, consumed
+
+
+class Job:
+    """One prepare run: the counters, the two shard writers and the held-out sample."""
+
+    def __init__(self, work: Path, corpus: Corpus, tok, settings: dict, state, progress: bool):
+        self.work, self.corpus, self.tok, self.settings = work, corpus, tok, settings
+        self.dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
+        s = state or {}
+        self.docs = s.get("docs", 0)  # documents consumed, empty ones included
+        self.counts = s.get("counts", {"train_docs": 0, "val_docs": 0, "train_bytes": 0,
+                                       "val_bytes": 0, "moved_by_cap": 0})  # fmt: skip
+        self.byte_counts = np.array(s.get("byte_counts", [0] * 256), dtype=np.int64)
+        self.chain = s.get("chain", "")  # sha256 chained over batch digests: the corpus id
+        self.heldout_limit = None if corpus.builtin else settings["baseline_bytes"]
+        self.heldout_size = s.get("heldout_size", 0)
+        with open(work / HELDOUT, "ab") as f:
+            f.truncate(self.heldout_size)
+        shard = settings["shard_tokens"]
+        self.train = ShardWriter(work, "train", self.dtype, shard, s.get("train"))
+        self.val = ShardWriter(work, "val", self.dtype, shard, s.get("val"))
+        self.meter = Meter(corpus.bytes_total, enabled=progress)
+        self.last_sync = time.monotonic()
+
+    def run(self, workers: int) -> None:
+        batches = _batches(self.corpus, self.docs)
+        spec = self.settings["tokenizer"]
+        args = (spec, str(self.work), self.dtype.name, self.settings["val_frac"])
+        if workers == 1:
+            encode.init_worker(*args)
+            for batch, n in batches:
+                self._consume(batch, n, encode.encode_batch(batch))
+            return
+        ctx = get_context("spawn")  # no fork of a process that may hold threads (torch, arrow)
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=args)
+        try:
+            pending: deque = deque()  # in order, at most 2 per worker: bounded memory
+            for batch, n in batches:
+                pending.append((batch, n, pool.submit(encode.encode_batch, batch)))
+                if len(pending) >= 2 * workers:
+                    done, n_done, fut = pending.popleft()
+                    self._consume(done, n_done, fut.result())
+            while pending:
+                done, n_done, fut = pending.popleft()
+                self._consume(done, n_done, fut.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _consume(self, batch: list, consumed: int, enc: encode.Encoded) -> None:
+        """Route one batch's documents to the splits, in order; sync at shard ends."""
+        val = enc.val.copy()
+        cap, c = self.settings["val_tokens"], self.counts
+        room = cap - self.val.tokens
+        for i in np.flatnonzero(val):  # the cap: past it, held-out documents train instead
+            if enc.doc_tokens[i] > room:
+                val[i] = False
+                c["moved_by_cap"] += 1
+            else:
+                room -= int(enc.doc_tokens[i])
+        ends = np.cumsum(enc.doc_tokens)
+        starts = ends - enc.doc_tokens
+        if val.any():
+            for i in np.flatnonzero(val):
+                self.val.write(enc.tokens[starts[i] : ends[i]])
+                self._keep_heldout(*batch[i])
+            keep = [enc.tokens[s:e] for s, e, v in zip(starts, ends, val) if not v]
+            self.train.write(np.concatenate(keep) if keep else enc.tokens[:0])
+        else:
+            self.train.write(enc.tokens)
+        c["val_docs"] += int(val.sum())
+        c["train_docs"] += len(val) - int(val.sum())
+        c["val_bytes"] += int(enc.doc_bytes[val].sum())
+        c["train_bytes"] += int(enc.doc_bytes[~val].sum())
+        self.byte_counts += enc.byte_counts
+        self.chain = _sha256((self.chain + enc.digest.hex()).encode())
+        self.docs += consumed
+        self.meter.add(
+            int(enc.doc_bytes.sum()), len(batch), len(enc.tokens), self.corpus.bytes_done
+        )
+        if (
+            self.train.finished_since_sync
+            or self.val.finished_since_sync
+            or (time.monotonic() - self.last_sync > SYNC_EVERY_S)
+        ):
+            self._sync()
+
+    def _keep_heldout(self, name: str, text: str) -> None:
+        if self.heldout_limit is not None and self.heldout_size >= self.heldout_limit:
+            return
+        line = (json.dumps({"name": name, "text": text}, ensure_ascii=False) + "\n").encode()
+        with open(self.work / HELDOUT, "ab") as f:
+            f.write(line)
+        self.heldout_size += len(line)
+
+    def _sync(self) -> None:
+        """Make the shards durable, then record how far they go (atomically: tmp + rename)."""
+        state = {
+            "settings": self.settings, "docs": self.docs, "counts": self.counts,
+            "byte_counts": self.byte_counts.tolist(), "chain": self.chain,
+            "heldout_size": self.heldout_size, "train": self.train.sync(), "val": self.val.sync(),
+        }  # fmt: skip
+        tmp = self.work / "progress.json.tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.work / "progress.json")
+        self.last_sync = time.monotonic()
+
+    def finish(self) -> dict:
+        train, val = self.train.close(), self.val.close()
+        if self.corpus.skipped:
+            say(f"skipped {len(self.corpus.skipped)} files that are not UTF-8 text, e.g. "
+                f"{self.corpus.skipped[0]}")  # fmt: skip
+        n_train, n_val = self.train.tokens, self.val.tokens
+        if n_train + n_val == 0:
+            raise UserError("the inputs hold no text: pass non-empty text files")
+        if n_val == 0 and n_train >= 4:  # e.g. one big file: hold out the tail of the stream
+            val = self._hold_out_tail(train)
+            n_train, n_val = self.train.tokens, self.val.tokens
+        if n_val == 0 or n_train < 2:
+            raise UserError(
+                f"the inputs are too small to split ({self.counts['train_docs'] + self.counts['val_docs']} "
+                f"documents, {n_train + n_val} tokens; held out: {n_val}): add more documents "
+                "or raise --val-frac"
+            )
+        heldout = _read_heldout(self.work / HELDOUT)
+        sample = "".join(t for _, t in heldout).encode()[: self.settings["baseline_bytes"]]
+        meta = self._meta(train, val, sample)
+        if self.corpus.builtin:
+            meta["tasks"] = {"next-line": self._task(heldout)}
+        (self.work / HELDOUT).unlink()
+        (self.work / "progress.json").unlink(missing_ok=True)
+        with open(self.work / "meta.json", "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return meta
+
+    def _hold_out_tail(self, train: list) -> list:
+        """Too few documents for the per-document rule to pick any (a single file, say): the
+        last val_frac of the train tokens (capped) are held out instead, as nanoGPT's
+        shakespeare does. Their bytes are counted by decoding them, end-of-text excluded."""
+        s, c, eot = self.settings, self.counts, self.tok.eot_id
+        n = min(max(1, round(self.train.tokens * s["val_frac"])), s["val_tokens"])
+        tail = cut_tail(self.work, train, self.dtype, n)
+        self.train.shards = train
+        self.val = ShardWriter(self.work, "val", self.dtype, s["shard_tokens"])
+        self.val.write(tail)
+        text = self.tok.decode(tail[tail != eot].tolist())
+        exact = isinstance(self.tok, ByteTokenizer)  # a cut may split a character: count ids
+        nbytes = int((tail != eot).sum()) if exact else len(text.encode("utf-8"))
+        c["val_bytes"], c["train_bytes"] = nbytes, c["train_bytes"] - nbytes
+        c["tail_held_out"] = True
+        self._keep_heldout("tail", text[: s["baseline_bytes"]])
+        return self.val.close()
+
+    def _meta(self, train: list, val: list, sample: bytes) -> dict:
+        c, s = self.counts, self.settings
+        return {
+            "format": FORMAT, "tokenizer": self.tok.spec, "vocab_size": self.tok.vocab_size,
+            "eot_id": self.tok.eot_id, "dtype": self.dtype.name,
+            "train_tokens": self.train.tokens, "val_tokens": self.val.tokens,
+            "train_bytes": c["train_bytes"], "val_bytes": c["val_bytes"],
+            "documents": c["train_docs"] + c["val_docs"],
+            "documents_by_split": {"train": c["train_docs"], "val": c["val_docs"]},
+            "skipped_files": len(self.corpus.skipped),
+            "shards": {"train": train, "val": val},
+            "split": {
+                "rule": "blake2b-64(utf-8 text) / 2**64 < val_frac, then the val_tokens cap",
+                "val_frac": s["val_frac"], "val_tokens_cap": s["val_tokens"],
+                "moved_to_train_by_cap": c["moved_by_cap"],
+                "tail_held_out": c.get("tail_held_out", False),
+            },
+            "source": {**self.corpus.source, "sha256": self.chain},
+            "baselines_bits_per_byte": compressor_baselines(sample, self.byte_counts),
+            "baseline_sample_bytes": len(sample),
+        }  # fmt: skip
+
+    def _task(self, heldout: list) -> dict:
+        try:
+            info = make_next_line_task(heldout, self.work / TASK_FILE, n=500, seed=0)
+        except ValueError as e:
+            raise UserError(f"the built-in task could not be written: {e}") from None
+        return {"file": TASK_FILE, "examples": info["examples"], "chance": info["chance"]}
+
+
+def _init(*args) -> None:
+    """A worker process: die with the parent (a SIGKILLed prepare leaves no orphans), then
+    build the tokenizer."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except OSError:
+        pass
+    encode.init_worker(*args)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_heldout(path: Path) -> list[tuple[str, str]]:
+    with open(path, encoding="utf-8") as f:
+        return [(d["name"], d["text"]) for d in map(json.loads, f)]
