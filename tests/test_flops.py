@@ -92,3 +92,28 @@ def test_utilization_is_achieved_over_peak_and_none_without_a_peak():
     assert utilization(8e9, 2.0, 1e10) == pytest.approx(0.4)
     assert utilization(8e9, 2.0, None) is None
     assert utilization(8e9, 2.0, 0.0) is None
+
+
+# ---- llama: RoPE, RMSNorm, SwiGLU and GQA are element-wise or reshapes; the matmuls count ----
+
+LLAMA = dict(arch="llama", n_head=4, n_kv_head=2, intermediate_size=96, tie_embeddings=False)
+
+
+@pytest.mark.parametrize("kv, tie", [(2, False), (4, True), (1, False)])
+def test_llama_flops_per_token_matches_flop_counter(kv, tie):
+    cfg = tiny(**{**LLAMA, "n_kv_head": kv, "tie_embeddings": tie})
+    C, L, T, I = cfg.n_embd, cfg.n_layer, cfg.block_size, cfg.intermediate_size  # noqa: E741
+    kvd = kv * C // cfg.n_head
+    got = count(cfg)
+    # q, o (C x C), k, v (C x kv*hd), gate, up, down (C x I): 6 N per token, plus the head
+    assert got["mm"] == 6 * (L * (2 * C * C + 2 * C * kvd + 3 * C * I) + V * C) * B * T
+    assert got["bmm"] == 12 * L * T * C * B * T  # GQA's shared keys still meet every query
+    assert got["total"] == flops_per_token(cfg, V) * B * T
+
+
+@pytest.mark.parametrize("spec", ["full", "every:2"])
+def test_llama_hfu_counts_exactly_the_recomputation(spec):
+    cfg = tiny(**LLAMA, n_layer=3, activation_checkpointing=spec)
+    got = count(cfg)
+    assert got["total"] == hardware_flops_per_token(cfg, V) * B * cfg.block_size
+    assert hardware_flops_per_token(cfg, V) > flops_per_token(cfg, V)

@@ -318,3 +318,43 @@ def test_peak_memory_cpu_is_exact():
     assert exact
     assert baseline >= 20_000_000 and baseline < 21_000_000  # + torch's own small tensors
     assert peak - baseline == pytest.approx(80_000_000, abs=600_000)
+
+
+LLAMA = ["--model.arch", "llama", "--model.bias", "false", "--train.fused_gelu", "false"]
+LLAMA += ["--model.n_head", "4", "--model.n_kv_head", "1"]
+
+
+@pytest.mark.parametrize(
+    "extra, rel",
+    [
+        ([], 0.01),
+        (["--model.tie_embeddings", "false", "--optim.name", "muon"], 0.01),
+        (["--train.grad_accum", "2"], 0.01),
+        (["--model.activation_checkpointing", "full"], 0.10),
+        (["--model.activation_checkpointing", "selective"], 0.10),
+        (["--train.precision", "bf16"], 0.10),
+    ],
+)
+def test_llama_planned_peak_matches_the_allocator(extra, rel):
+    """Llama shapes (RMSNorm, RoPE, SwiGLU, GQA, untied head): the planner's llama layer."""
+    cfg = cfg_of(*ONE_LAYER, "--model.n_layer", "3", "--model.n_embd", "64", "--model.block_size",
+                 "64", "--model.vocab_size", "256", *LLAMA, *extra)  # fmt: skip
+    if "bf16" in extra:  # 16-bit matmuls on this CPU are slow: a smaller step
+        cfg = cfg_of(*ONE_LAYER, "--model.n_layer", "2", "--model.n_embd", "32",
+                     "--model.vocab_size", "128", *LLAMA, *extra)  # fmt: skip
+    measured = _allocator_peak(cfg, B=8)
+    assert plan_training(cfg, micro_batch=8).total_bytes == pytest.approx(measured, rel=rel)
+
+
+def test_llama_planned_activations_are_what_autograd_saves():
+    cfg = cfg_of(*ONE_LAYER, "--model.n_layer", "2", "--model.n_embd", "32", *LLAMA)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 32).train()
+    rows = torch.randint(0, 32, (4, 9))
+    saved = _saved_tensor_bytes(model, rows[:, :-1], rows[:, 1:])
+    rope_tables = 2 * 8 * 8 * 4  # cos and sin, (block_size, head_dim) fp32: buffers, shared
+    log_softmax = 4 * 8 * 32 * 4
+    assert (
+        plan_training(cfg, micro_batch=4).components["activations"] + log_softmax + rope_tables
+        == saved
+    )

@@ -76,6 +76,10 @@ class Step:
     zero: int
     grad_accum: int
     opt_state_bytes: int  # unsharded
+    arch: str = "gpt2"  # llama: memory.replay_llama replays its layer (RMSNorm, RoPE, SwiGLU)
+    kv: int = 0  # llama: key/value width (n_kv_head x head_dim)
+    ffn: int = 0  # llama: SwiGLU width
+    tied: bool = True  # the head is the token embedding (one matrix, one gradient)
 
     @property
     def N(self) -> int:
@@ -98,14 +102,47 @@ def block_params(C: int, bias: bool) -> list[int]:
     return ln + lin(C, 3 * C) + lin(C, C) + ln + lin(C, 4 * C) + lin(4 * C, C)
 
 
+def layer_params(s: Step) -> list[int]:
+    """Element counts of one block's (gpt2) or layer's (llama) parameter tensors."""
+    if s.arch != "llama":
+        return block_params(s.C, s.bias)
+    C, kv, ffn = s.C, s.kv, s.ffn
+    return [C, C * C, C * kv, C * kv, C * C, C, C * ffn, C * ffn, ffn * C]
+
+
 def linear_params(s: Step) -> int:
     """A block's Linear weights and biases: what autocast casts to 16 bits."""
+    if s.arch == "llama":
+        return sum(layer_params(s)) - 2 * s.C
     return sum(block_params(s.C, s.bias)) - 2 * s.C * (2 if s.bias else 1)
 
 
 def model_params(s: Step) -> int:
+    if s.arch == "llama":
+        return s.V * s.C * (1 if s.tied else 2) + s.L * sum(layer_params(s)) + s.C
     ln = s.C * (2 if s.bias else 1)
     return s.V * s.C + s.block_size * s.C + s.L * sum(block_params(s.C, s.bias)) + ln
+
+
+def llama_saved_items(s: Step) -> list[tuple[str, int, str]]:
+    """What a llama layer keeps for backward (as saved_tensors_hooks shows it), in forward order.
+
+    RMSNorm works in fp32: it keeps 1/rms (N) and the normalised input (N C, fp32), and the next
+    Linear keeps its (autocast-cast) input. RoPE keeps only its tables (shared, tiny); SDPA keeps
+    the rotated q, the keys and values (GQA's repeated copies: full width) and its output and
+    logsumexp. SwiGLU keeps gate and up (matmul outputs), SiLU's output and the product."""
+    N, C, lp, ffn = s.N, s.C, s.lp, s.ffn
+    norm = N * 4 + N * C * 4 + N * C * lp
+    return [
+        ("x_in", N * C * 4, "input"),
+        ("norm1", norm, "pointwise"),
+        ("qkv", 3 * N * C * lp, "matmul"),
+        ("att_out", N * C * lp + N * s.h * 4, "matmul"),
+        ("x_mid", N * C * 4, "pointwise"),
+        ("norm2", norm, "pointwise"),
+        ("gate_up", 2 * N * ffn * lp, "matmul"),
+        ("silu_prod", 2 * N * ffn * lp, "pointwise"),
+    ]
 
 
 def saved_items(s: Step) -> list[tuple[str, int, str]]:
@@ -114,6 +151,8 @@ def saved_items(s: Step) -> list[tuple[str, int, str]]:
     kind: 'pointwise' (cheap to recompute: norms, GELU, adds, dropout) or 'matmul' (Linear and
     attention outputs: costly to recompute). The block's output is the next block's input and
     is counted there (`x_in`)."""
+    if s.arch == "llama":
+        return llama_saved_items(s)
     N, C, lp = s.N, s.C, s.lp
     items = [("x_in", N * C * 4, "input"), ("ln1", N * 8 + N * C * lp, "pointwise")]
     if s.math_attention:  # CPU's math kernel works in fp32 even under autocast
@@ -142,6 +181,13 @@ def kept_in_forward(s: Step, kind: str) -> int:
     # selective: the outputs of every matmul and of SDPA stay (incl. both c_proj outputs, which
     # the policy saves too); norms, GELU, the mid residual and dropout are recomputed.
     return sum(b for _, b, k in inner if k == "matmul") + 2 * s.N * s.C * s.lp
+
+
+def norm_saved(s: Step) -> int:
+    """What the final norm keeps: LayerNorm's mean and rstd, or RMSNorm's 1/rms and fp32 input."""
+    if s.arch == "llama":
+        return s.N * 4 + s.N * s.C * 4 + s.N * s.C * s.lp
+    return s.N * 8 + s.N * s.C * s.lp
 
 
 def checkpoint_kinds(spec: str, n_layer: int) -> tuple[str, ...]:

@@ -126,7 +126,7 @@ def training_memory(step: StepSpec, micro_batch: int) -> MemoryPlan:
         V=vocab,
         L=m.n_layer,
         block_size=m.block_size,
-        bias=m.bias,
+        bias=m.bias and m.arch != "llama",
         lp=lp,
         p_drop=m.dropout,
         mask=lp if dev == "cpu" else 1,
@@ -136,6 +136,10 @@ def training_memory(step: StepSpec, micro_batch: int) -> MemoryPlan:
         zero=step.zero,
         grad_accum=int(step.grad_accum),
         opt_state_bytes=optimizer_state_bytes_for(step.optim, m, vocab, bytes_per_elem=4),
+        arch=m.arch,
+        kv=m.kv_heads * (m.n_embd // m.n_head),
+        ffn=m.ffn_size,
+        tied=m.tie_embeddings,
     )
     tl = replay(s)
     return MemoryPlan(
@@ -187,7 +191,8 @@ def inference_memory(
     one decoding step are a few vectors per layer and are left out."""
     vocab = _need_vocab(vocab_size)
     ctx_len = int(context or model.block_size)
-    kv = 2 * model.n_layer * batch * ctx_len * model.n_embd * bytes_per_elem
+    width = model.n_embd if model.arch != "llama" else model.kv_heads * model.n_embd // model.n_head
+    kv = 2 * model.n_layer * batch * ctx_len * width * bytes_per_elem  # GQA: n_kv_head heads
     return InferencePlan(num_params(model, vocab)["total"] * bytes_per_elem, kv, ctx_len, batch)
 
 

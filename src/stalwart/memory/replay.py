@@ -8,10 +8,11 @@ from __future__ import annotations
 from stalwart.memory.inventory import (
     Step,
     Timeline,
-    block_params,
     kept_in_forward,
+    layer_params,
     linear_params,
     model_params,
+    norm_saved,
     saved_items,
 )
 
@@ -70,16 +71,19 @@ def _reduce_scatter(tl: Timeline, s: Step, elems: int, first: bool) -> None:
 
 
 def _root_elems(s: Step) -> int:
-    """FSDP's root unit: wte (= lm_head), wpe, ln_f; gathered for the whole step."""
+    """FSDP's root unit: wte (= lm_head), wpe, ln_f (llama: embed_tokens, lm_head, norm);
+    gathered for the whole step."""
+    if s.arch == "llama":
+        return s.V * s.C * (1 if s.tied else 2) + s.C
     return s.V * s.C + s.block_size * s.C + s.C * (2 if s.bias else 1)
 
 
 def _forward(tl: Timeline, s: Step) -> None:
     N, C, lp = s.N, s.C, s.lp
-    bp = sum(block_params(C, s.bias))
+    bp = sum(layer_params(s))
     tl.phase = "forward"
-    tl.alloc("activations", s.T * 8 + N * 8)  # position ids; the targets' reshape copy
-    tl.spike("temporaries", N * C * 4 + s.T * C * 4)  # token and position embeddings
+    tl.alloc("activations", _ids(s))  # position ids (gpt2); the targets' reshape copy
+    tl.spike("temporaries", N * C * 4 + (s.T * C * 4 if s.arch != "llama" else 0))  # embeddings
     tl.alloc("activations", N * C * 4)  # their sum: the first block's input
     if s.p_drop > 0:
         tl.alloc("activations", N * C * s.mask)
@@ -94,7 +98,7 @@ def _forward(tl: Timeline, s: Step) -> None:
         tl.free("activations", inner - kept_in_forward(s, kind))
         _gather(tl, s, bp, False)
     tl.phase = "forward: loss"
-    tl.alloc("activations", N * 8 + N * C * lp)  # ln_f: mean, rstd, output
+    tl.alloc("activations", norm_saved(s))  # ln_f: mean, rstd, output (llama: see inventory)
     if s.amp and s.zero < 3:
         tl.alloc("weight_copies", s.V * C * lp)
     tl.alloc("logits", N * s.V * lp)
@@ -138,10 +142,10 @@ def _layernorm_backward(tl: Timeline, s: Step, first: bool) -> None:
     """d input of a layer norm; then its input-gradient buffer and its saved tensors go."""
     N, C = s.N, s.C
     tl.alloc("temporaries", N * C * 4)
-    for n in [C, C] if s.bias else [C]:
+    for n in [C, C] if s.bias and s.arch != "llama" else [C]:
         _param_grad(tl, s, n, first)
     tl.free("temporaries", N * C * 4)  # (the incoming gradient of the LN's output)
-    tl.free("activations", N * 8 + N * C * s.lp)
+    tl.free("activations", norm_saved(s))
 
 
 def _linear_backward(tl: Timeline, s: Step, d_in: int, w: int, b: int, first: bool) -> None:
@@ -174,6 +178,8 @@ def _recompute(tl: Timeline, s: Step, kind: str) -> None:
 def _block_backward(tl: Timeline, s: Step, kind: str, first: bool) -> None:
     """The MLP branch, then the attention branch; the residual gradient (fp32) is held
     throughout, and each branch's layer-norm gradient is added into it in place."""
+    if s.arch == "llama":
+        return _llama_layer_backward(tl, s, kind, first)
     N, C, lp = s.N, s.C, s.lp
     item = {n: b for n, b, _ in saved_items(s)}
     _recompute(tl, s, kind)
@@ -229,12 +235,64 @@ def _embedding_backward(tl: Timeline, s: Step, first: bool) -> None:
         tl.alloc("temporaries", N * C * 4)
         tl.free("activations", N * C * s.mask)
         tl.free("temporaries", N * C * 4)
-    tl.alloc("temporaries", s.T * C * 4)  # d position embeddings, summed over the batch
-    _param_grad(tl, s, s.block_size * C, first)
-    tl.free("temporaries", s.T * C * 4)
-    tl.spike("temporaries", s.V * C * 4)  # dense d wte, added into the lm_head's gradient
-    tl.free("activations", s.T * 8 + N * 8)
+    if s.arch != "llama":
+        tl.alloc("temporaries", s.T * C * 4)  # d position embeddings, summed over the batch
+        _param_grad(tl, s, s.block_size * C, first)
+        tl.free("temporaries", s.T * C * 4)
+    if s.tied:
+        tl.spike("temporaries", s.V * C * 4)  # dense d wte, added into the lm_head's gradient
+    else:
+        _param_grad(tl, s, s.V * C, first)  # an untied embedding: a gradient of its own
+    tl.free("activations", _ids(s))
     tl.free("temporaries", N * C * 4)  # the residual gradient
+
+
+def _ids(s: Step) -> int:
+    """Position ids (gpt2; llama has none: RoPE's tables are buffers) and the targets' copy."""
+    return (s.T * 8 if s.arch != "llama" else 0) + s.N * 8
+
+
+def _llama_layer_backward(tl: Timeline, s: Step, kind: str, first: bool) -> None:
+    """A llama layer's backward: SwiGLU, then attention (RoPE, GQA's sums), each followed by
+    its RMSNorm, like GPT-2's block (the residual gradient held throughout)."""
+    N, C, lp, F = s.N, s.C, s.lp, s.ffn
+    item = {n: b for n, b, _ in saved_items(s)}
+    _recompute(tl, s, kind)
+    if s.amp:
+        tl.alloc("temporaries", N * C * lp)  # the residual gradient cast down
+    _linear_backward(tl, s, N * F, F * C, 0, first)  # down_proj: d (silu(gate) * up)
+    tl.free("temporaries", N * C * lp * s.amp)
+    tl.alloc("temporaries", 2 * N * F * lp)  # d silu(gate), d up
+    tl.free("temporaries", N * F * lp)
+    tl.free("activations", item["silu_prod"])
+    tl.spike("temporaries", N * F * lp)  # d gate (SiLU's backward), then gate_proj's
+    tl.free("activations", item["gate_up"])
+    for _ in range(2):  # up_proj, gate_proj: d input into one buffer
+        _linear_backward(tl, s, N * C, C * F, 0, first)
+    tl.free("temporaries", 2 * N * C * lp + 2 * N * F * lp)
+    tl.alloc("temporaries", N * C * lp)
+    _to_fp32(tl, s)
+    _layernorm_backward(tl, s, first)
+    tl.free("activations", item["x_mid"])
+    tl.free("temporaries", N * C * 4)
+    if s.amp:
+        tl.alloc("temporaries", N * C * lp)
+    _linear_backward(tl, s, N * C, C * C, 0, first)  # o_proj: d attention output
+    tl.free("temporaries", N * C * lp * s.amp)
+    tl.alloc("temporaries", 3 * N * C * lp)  # d q, d k, d v (full width)
+    tl.free("temporaries", N * C * lp)
+    tl.free("activations", item["qkv"] + item["att_out"])
+    kv = s.kv * N * lp
+    tl.spike("temporaries", 2 * kv + N * C * lp)  # GQA's sums, RoPE's backward
+    for w in (C * C, C * s.kv, C * s.kv):  # q, k, v projections: d input summed
+        _linear_backward(tl, s, N * C, w, 0, first)
+    tl.free("temporaries", 3 * N * C * lp + 2 * N * C * lp)
+    _to_fp32(tl, s)
+    _layernorm_backward(tl, s, first)
+    tl.free("activations", item["x_in"])
+    tl.free("temporaries", N * C * 4)
+    if kind == "selective":
+        tl.free("activations", N * C * lp)
 
 
 def replay(s: Step) -> Timeline:
@@ -252,7 +310,7 @@ def replay(s: Step) -> Timeline:
         _gather(tl, s, _root_elems(s), True)
         _forward(tl, s)
         _head_backward(tl, s, first)
-        bp = sum(block_params(s.C, s.bias))
+        bp = sum(layer_params(s))
         _gather(tl, s, bp, True)  # FSDP: the last block, unsharded again for its backward
         for i in reversed(range(s.L)):
             tl.phase = f"backward: block {i}"
