@@ -282,3 +282,11 @@ def test_a_single_file_holds_out_its_tail(tmp_path):
     assert meta["train_tokens"] == len(ds.train) and meta["shards"]["train"][0]["tokens"] == len(
         ds.train
     )
+
+
+def test_sampling_flag_is_checked():
+    from stalwart.config import load_config
+
+    assert load_config(None, ["--data.sampling", "epoch"]).data.sampling == "epoch"
+    with pytest.raises(UserError, match="--data.sampling must be one of random, epoch"):
+        load_config(None, ["--data.sampling", "shuffle"])

@@ -154,7 +154,7 @@ def test_training_on_shards_with_prefetch_resumes_bit_exact_after_sigkill(tmp_pa
     r = run_cli("prepare", small, "--out", data, "--shard-tokens", "997", "--val-frac", "0.3")
     assert r.returncode == 0, r.stderr
     assert len(open_dataset(data).train.maps) > 20
-    extra = ("--data.sampling", "epoch", "--data.prefetch", "true", "--model.block_size", "128",
+    extra = ("--data.sampling", "epoch", "--data.prefetch", "on", "--model.block_size", "128",
              "--train.grad_accum", "2")  # fmt: skip
     ref = tmp_path / "ref"
     train(tiny_config(ref, data, *extra), progress=False)

@@ -66,7 +66,12 @@ class DataConfig(Section):
         "per epoch, in a seeded order",
         choices=("random", "epoch"),
     )
-    prefetch: bool = opt(True, "build the next batch in a background thread while a step runs")
+    prefetch: str = opt(
+        "auto",
+        "build the next batch in a background thread while a step runs: on | off | auto (on "
+        "for CUDA; off on CPU, where the step's own threads use every core)",
+        choices=("auto", "on", "off"),
+    )
 
 
 @dataclass

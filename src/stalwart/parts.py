@@ -59,7 +59,8 @@ def build_batches(cfg: Config, data, micro: int, ctx) -> tuple[BatchLoader, list
     block, seed = cfg.model.block_size, cfg.run.seed
     loader = BatchLoader(
         data.train, block, micro, cfg.train.grad_accum, seed, ctx.rank, ctx.world_size, ctx.device,
-        sampling=cfg.data.sampling, prefetch=cfg.data.prefetch,
+        sampling=cfg.data.sampling,
+        prefetch=cfg.data.prefetch == "on" or (cfg.data.prefetch == "auto" and ctx.device.type == "cuda"),
     )  # fmt: skip
     n_val = parallel.eval_batches_total(cfg.train.eval_batches, ctx)
     val = eval_batches(data.val, block, micro, n_val, seed, ctx.rank, ctx.world_size)
