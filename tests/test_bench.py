@@ -53,7 +53,7 @@ def test_bench_mfu_is_null_without_a_peak_and_uses_an_override(tiny_data, tmp_pa
 
     cfg = tiny_config(tmp_path, tiny_data, "--train.precision", "fp32", "--train.peak_flops", "1e9")
     r = run_bench(cfg, steps=2, warmup=1, memory=False)
-    flops = flops_per_token(cfg.model, 256) * r["tokens_per_step"]
+    flops = flops_per_token(cfg.model, r["model"]["vocab_size"]) * r["tokens_per_step"]
     assert r["peak_source"] == "--train.peak_flops"
     assert r["mfu"] == pytest.approx(flops / r["step_time_s"] / 1e9, rel=1e-9)
     assert r["peak_memory_bytes"] is None
@@ -96,7 +96,8 @@ def test_a_slow_data_source_shows_up_as_data_wait(tiny_data, tmp_path):
     assert _median(fast, "data_wait_s") < 0.010
     assert _median(slow, "tokens_per_sec") < _median(fast, "tokens_per_sec")
     assert _median(slow, "data_wait_frac") > 3 * _median(fast, "data_wait_frac")
-    flops_per_step = flops_per_token(cfg.model, 256) * 8 * 32
+    vocab = json.loads((tiny_data / "meta.json").read_text())["vocab_size"]
+    flops_per_step = flops_per_token(cfg.model, vocab) * 8 * 32
     for r in slow:  # the phases account for the whole step; MFU is against the given peak
         assert sum(r[p] for p in PHASES) == pytest.approx(r["step_time_s"], rel=1e-6)
         assert r["mfu"] == pytest.approx(flops_per_step / r["step_time_s"] / 1e9, rel=1e-9)
@@ -149,7 +150,16 @@ def test_compiled_model_checkpoints_and_resumes_as_the_plain_module(
         keys = list(f.keys())
     assert keys and not any("_orig_mod" in k for k in keys)
     again = train(
-        tiny_config(tmp_path, tiny_data, *args[:2], "--train.max_steps", "8"), progress=False
+        tiny_config(
+            tmp_path,
+            tiny_data,
+            *args[:2],
+            "--train.max_steps",
+            "8",
+            "--run.resume",
+            "allow-changes",
+        ),
+        progress=False,
     )
     assert again.step == 8
 

@@ -42,6 +42,7 @@ from stalwart.train import AfterStep, train
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
+ALLOW = ("--run.resume", "allow-changes")  # a resume with other settings, on purpose
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +384,7 @@ def test_async_save_error_surfaces_in_the_training_thread(tmp_path, tiny_data):
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
     try:
         with pytest.raises(UserError, match="could not write checkpoint step_00000020"):
-            train(tiny_config(run, tiny_data, *over), progress=False)
+            train(tiny_config(run, tiny_data, *over, *ALLOW), progress=False)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
         signal.signal(signal.SIGXFSZ, old_handler)

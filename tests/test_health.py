@@ -333,7 +333,7 @@ def test_throughput_drop_from_a_slow_loader(tmp_path, tiny_data):
     _run(tmp_path / "r", tiny_data, *common, "--train.max_steps", 40)
     _, records = _run(
         tmp_path / "r", tiny_data, *common, "--train.max_steps", 55,
-        "--debug.slow_data_ms", 100,
+        "--debug.slow_data_ms", 100, "--run.resume", "allow-changes",
     )  # fmt: skip
     assert _symptoms(records) == ["throughput_drop"]
     d = next(r for r in records if r.get("event") == "diagnosis")

@@ -226,6 +226,7 @@ def test_write_error_during_a_save_keeps_every_earlier_checkpoint(tmp_path, tiny
     before = {p.name: ck.verify(p).manifest["files"] for p in ck.step_dirs(run / "checkpoints")}
     model_bytes = before["step_00000010"]["model.safetensors"]["bytes"]
     # model.safetensors still fits, state.safetensors (2 Adam moments) does not
+    extra = (*extra, "--run.resume", "allow-changes")  # 10 -> 20 steps, on purpose
     p = Trainer(cli_args(run, tiny_data, *extra), preexec_fn=_limit_file_size(model_bytes + 4096))
     assert p.finish() == 2, p.stderr
     err = p.stderr.strip().splitlines()[-1]

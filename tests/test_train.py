@@ -174,7 +174,15 @@ def test_resume_continues_exactly(tmp_path, tiny_data):
             tiny_config(tmp_path / "part", tiny_data), progress=False, callbacks=[AfterStep(crash)]
         )
     resumed = train(
-        tiny_config(tmp_path / "part", tiny_data, "--train.eval_batches", "3"), progress=False
+        tiny_config(
+            tmp_path / "part",
+            tiny_data,
+            "--train.eval_batches",
+            "3",
+            "--run.resume",
+            "allow-changes",
+        ),
+        progress=False,
     )
     assert _losses(tmp_path / "part") == _losses(tmp_path / "full")  # steps 11-13 replayed once
     for p, q in zip(full.model.parameters(), resumed.model.parameters()):

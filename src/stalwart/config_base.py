@@ -198,9 +198,6 @@ def load_toml(root: Any, path: str | Path) -> None:
             set_field(root, f"{sec_name}.{name}", value, f"{path}: {sec_name}.{name}")
 
 
-_BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off")
-
-
 def _fields_by_type(root_cls: type | None) -> dict[str, Any]:
     if root_cls is None:
         return {}
@@ -214,8 +211,9 @@ def _fields_by_type(root_cls: type | None) -> dict[str, Any]:
 def parse_overrides(argv: list[str], root_cls: type | None = None) -> list[tuple[str, str, str]]:
     """Turn ['--a.b', '1', '--c.d=x'] into [('a.b', '1', '--a.b'), ('c.d', 'x', '--c.d')].
 
-    With the tree's class, boolean fields are flags too: a bare `--train.compile` means true
-    (unless a boolean word follows: `--train.compile false`), `--no-train.compile` false."""
+    With the tree's class, boolean fields are flags too: a bare `--train.compile` (last, or
+    followed by another option) means true, `--no-train.compile` false; `--train.compile false`
+    still works."""
     types_ = _fields_by_type(root_cls)
     bools = {k for k, t in types_.items() if t is bool}
     out = []
@@ -234,7 +232,7 @@ def parse_overrides(argv: list[str], root_cls: type | None = None) -> list[tuple
             i += 1
         elif key.startswith("no-") and key[3:] in types_:
             raise UserError(f"unknown option {arg}: only booleans have a --no- form")
-        elif key in bools and (nxt is None or nxt.lower() not in _BOOL_WORDS):
+        elif key in bools and (nxt is None or nxt.startswith("--")):
             value = "true"
             i += 1
         else:

@@ -107,7 +107,8 @@ class Resumer:
             state["config"], self.config, self.data_meta, state.get("data_meta")
         )
         if self.mode == "auto":  # before anything is restored or truncated
-            _refuse_changed_settings(self.run_dir, state["config"], self.config)
+            same_batch = _saved_global_batch(state) == self.parts.loader.global_batch
+            _refuse_changed_settings(self.run_dir, state["config"], self.config, same_batch)
         changes += adopt_threads(state.get("threads"), self.threads)
         changes += self._restore(path, model_state, state)
         step = self.parts.loop.step
@@ -164,8 +165,20 @@ class Resumer:
             self._emit({"event": "checkpoint_abandoned", "step": step, "path": str(dest)})
 
 
-def _refuse_changed_settings(run_dir: Path, saved: dict, now: dict) -> None:
-    changed = trainstate.changed_settings(saved, now)
+def _saved_global_batch(state: dict) -> int:
+    """Sequences per optimizer step when the checkpoint was written (all ranks)."""
+    dist = state.get("dist") or {}
+    if dist.get("global_batch"):
+        return int(dist["global_batch"])
+    train = state["config"]["train"]
+    try:
+        return int(train["micro_batch"]) * int(train["grad_accum"])  # one process
+    except (TypeError, ValueError):  # micro_batch auto: the planner's choice, unknown here
+        return -1
+
+
+def _refuse_changed_settings(run_dir: Path, saved: dict, now: dict, same_batch: bool) -> None:
+    changed = trainstate.changed_settings(saved, now, same_batch)
     if changed:
         raise UserError(
             f"{run_dir} holds a run trained with other settings ({'; '.join(changed)}): train "

@@ -132,11 +132,15 @@ FREE_TO_CHANGE = {
 }  # fmt: skip
 
 
-def changed_settings(saved: dict, now: dict) -> list[str]:
-    """The changes between the checkpoint's config and this run's that a plain resume refuses."""
+def changed_settings(saved: dict, now: dict, same_global_batch: bool = False) -> list[str]:
+    """The changes between the checkpoint's config and this run's that a plain resume refuses.
+    `same_global_batch`: the steps see the same sequences (micro_batch x grad_accum x world size
+    unchanged), so a re-split of the batch (another world size, say) is free too."""
+    split = {"micro_batch", "grad_accum"} if same_global_batch else set()
     out = []
     for sec, body in now.items():
         free = FREE_TO_CHANGE.get(sec, ())
+        free = free if sec != "train" else free | split
         for key, value in body.items():
             old = saved.get(sec, {}).get(key, value)
             if old != value and free != "*" and key not in free:
