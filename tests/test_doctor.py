@@ -55,7 +55,7 @@ def test_doctor_json_and_exit_code_for_warnings(tmp_path, tiny_data, capsys):
     clipped at every step: the doctor re-runs the detectors over the records and finds it."""
     run = tmp_path / "run"
     cfg = tiny_config(
-        run, tiny_data, "--health.enabled", "false", "--optim.name", "sgd", "--optim.lr", "3",
+        run, tiny_data, "--health.enabled", "false", "--optim.name", "sgd", "--optim.lr", "2",
         "--schedule.name", "constant", "--train.max_steps", "35",
         "--health.window", "20", "--health.grace_steps", "10",
     )  # fmt: skip

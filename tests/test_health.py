@@ -238,9 +238,9 @@ def test_nan_weights_are_never_written(tmp_path, tiny_data):
 
 
 def test_constant_clipping_from_a_high_lr(tmp_path, tiny_data):
-    """Plain SGD at LR 3 on the tiny model: the gradient norm stays at 2-3x the clip threshold."""
+    """Plain SGD at LR 2 on the tiny model: the gradient norm stays above the clip threshold."""
     _, records = _run(
-        tmp_path / "r", tiny_data, "--optim.name", "sgd", "--optim.lr", 3,
+        tmp_path / "r", tiny_data, "--optim.name", "sgd", "--optim.lr", 2,
         "--schedule.name", "constant", "--train.max_steps", 35, *QUICK,
     )  # fmt: skip
     assert _symptoms(records) == ["clipping"]
