@@ -1,7 +1,7 @@
 """Planner accuracy: predicted vs measured peak memory of a training step on CPU.
 
     .venv/bin/python benchmarks/memory_accuracy.py [--threads 1] [--json]
-        [--sizes small,default] [--micro 4,32] [--ckpt none,full,selective] [--precision fp32]
+        [--sizes small,default,llama-small,llama-default] [--micro 4,32] [--ckpt none,full,selective] [--precision fp32]
 
 Each configuration runs in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536 (exact CPU
 measurement, see stalwart.memory.measure.enable_exact_cpu_peak). The process builds the model and
@@ -31,6 +31,9 @@ SIZES = {
     "default": ["--model.n_layer", "4", "--model.n_head", "4", "--model.n_embd", "256",
                 "--model.block_size", "256"],
 }  # fmt: skip
+LLAMA = ["--model.arch", "llama", "--model.bias", "false", "--model.n_kv_head", "2",
+         "--model.tie_embeddings", "false", "--train.fused_gelu", "false"]  # fmt: skip
+SIZES |= {f"llama-{k}": [*v, *LLAMA] for k, v in list(SIZES.items())}  # RoPE, SwiGLU, GQA
 VOCAB = 256  # the byte-level tokenizer of data/stdlib-byte
 
 

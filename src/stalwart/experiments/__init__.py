@@ -24,6 +24,7 @@ EXPERIMENTS: dict[str, str] = {
     "memory-table": "stalwart.experiments.memory_table",
     "activation-checkpointing": "stalwart.experiments.activation_checkpointing",
     "accumulation": "stalwart.experiments.accumulation",
+    "main-job": "stalwart.experiments.main_job",
 }
 
 

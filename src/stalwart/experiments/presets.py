@@ -49,6 +49,10 @@ PRESETS: dict[str, dict[str, tuple[int | None, ...]]] = {
         "full":  (     2,     2,   128,    64,     8,     _,      _,          _,            _),
         "quick": (     1,     2,    32,    32,     2,     _,      _,          _,            _),
     },
+    "main-job": {  # the candidates set their shapes; FULL's steps come from the budget
+        "full":  (     _,     _,     _,     _,     _,     _,      _,          _,            _),
+        "quick": (     1,     2,    32,    32,     4,     4,      1,          2,            2),
+    },
     "activation-checkpointing": {
         "full":  (     4,     4,   128,   128,     _,     _,      _,          _,            _),
         "quick": (     2,     2,    32,    32,     _,     _,      _,          _,            _),
