@@ -6,7 +6,8 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 CONFIG  ?= configs/tiny-cpu.toml
-DATA    ?= data/stdlib-byte
+DATA    ?= data/stdlib-bpe4096
+TOKENIZER ?= bpe:4096
 RUN     ?= runs/tiny-cpu
 PYTEST_ARGS ?=
 
@@ -26,7 +27,7 @@ install: $(BIN)/.installed
 dev: $(BIN)/.installed-dev
 
 $(DATA)/meta.json: | $(BIN)/.installed
-	$(BIN)/stalwart prepare --tokenizer byte --out $(DATA)
+	$(BIN)/stalwart prepare --tokenizer $(TOKENIZER) --out $(DATA)
 
 prepare: $(DATA)/meta.json
 
