@@ -60,18 +60,21 @@ def tree_rss(pid: int) -> int:
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:
     """Run cmd; wall seconds and the peak RSS of its process tree."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
-        time.sleep(0.05)
-    wall = time.perf_counter() - t0
-    out, err = proc.communicate()
-    if proc.returncode:
-        raise RuntimeError(f"{cmd} failed: {err[-2000:]}")
-    return {"wall_s": wall, "peak_rss_bytes": peak, "stdout": out}
+    # files, not pipes: a child that prints more than a pipe holds (HF progress bars) would block
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, cwd=ROOT, stdout=out,
+                                stderr=err, text=True)  # fmt: skip
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise RuntimeError(f"{cmd} failed: {err.read()[-2000:]}")
+        return {"wall_s": wall, "peak_rss_bytes": peak, "stdout": out.read()}
 
 
 def tokenizer_spec(name: str) -> str:
