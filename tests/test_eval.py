@@ -14,7 +14,7 @@ import torch
 from stalwart.errors import UserError
 from stalwart.eval import mc
 from stalwart.eval.builtin_task import make_next_line_task
-from stalwart.eval.intask import parse_tasks
+from stalwart.eval.intask import parse_tasks, task_lines
 from stalwart.eval.tasks import Example, load_task, preprocess
 from stalwart.logs.metrics import read_metrics
 from tests.conftest import STDLIB, run_cli, tiny_config
@@ -165,6 +165,8 @@ def test_tasks_and_samples_in_the_loop(trained):
     assert {(s["prompt"], s["temperature"]) for s in samples if s["step"] == 20} == {
         (p, t) for p in ("def ", "class ", "import ") for t in (0.0, 0.8)
     }
+    (line,) = task_lines(trained / "run")  # the end-of-run summary's line
+    assert line.startswith("task nl (step 20): acc ") and line.endswith("chance 0.250")
     # the loop's accuracy at the last step is `stalwart eval` of the last checkpoint
     r = run_cli("eval", trained / "run", "--task", "mc", "--data", trained / "nl.jsonl", "--json")
     assert r.returncode == 0, r.stderr
@@ -230,3 +232,25 @@ def test_an_export_without_a_tokenizer_says_so(trained, tmp_path):
         (bare / name).unlink(missing_ok=True)
     r = run_cli("eval", bare, "--task", "mc", "--data", trained / "nl.jsonl")
     assert r.returncode == 2 and "tokenizer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dashboard_shows_task_accuracy_and_samples(trained):
+    from stalwart.health.dashboard import write_dashboard
+
+    _, page, _ = write_dashboard(trained / "run")
+    text = page.read_text()
+    assert "Downstream tasks" in text and "<svg" in text and "chance 0.25" in text
+    assert "<h2>Samples</h2>" in text and "steps 10, 20" in text
+
+
+def test_bits_per_byte_of_a_text_file(trained, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text((STDLIB / "bisect.py").read_text())
+    r = run_cli("eval", trained / "hf", "--task", "bpb", "--data", text, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["bytes"] == len(text.read_bytes()) and out["tokens"] == len(text.read_bytes())
+    assert 0 < out["bits_per_byte"] < 8  # better than uniform over 256 bytes after 20 steps
+    text.write_bytes(b"\xff\xfe\x00")
+    r = run_cli("eval", trained / "hf", "--task", "bpb", "--data", text)
+    assert r.returncode == 2 and "not UTF-8" in r.stderr

@@ -129,3 +129,23 @@ def write_samples(model, tok, step: int, path: Path | None, max_new_tokens: int,
         return
     with open(path, "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def task_lines(run_dir: Path) -> list[str]:
+    """The end-of-run summary's lines: each task's latest accuracy against its chance level."""
+    latest: dict = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if '"task/' in line:
+            try:
+                latest = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    out = []
+    for key, acc in latest.items():
+        if key.startswith("task/") and key.endswith("/acc"):
+            name = key[len("task/") : -len("/acc")]
+            norm, chance = latest.get(f"task/{name}/acc_norm"), latest.get(f"task/{name}/chance")
+            out.append(f"task {name} (step {latest['step']}): acc {acc:.3f}, acc_norm {norm:.3f}, "
+                       f"chance {chance:.3f}")  # fmt: skip
+    return out

@@ -91,7 +91,7 @@ def _window(ctx: list[int], cont: list[int], block_size: int) -> list[int]:
 def score_requests(model, rows, block_size: int, device, autocast) -> list[float]:
     """Summed log-probability of each (context ids, continuation ids) row."""
     inps = [_window(c, k, block_size) for c, k in rows]
-    vocab = model.lm_head.weight.shape[0] if hasattr(model, "lm_head") else 50304
+    vocab = model.lm_head.weight.shape[0]  # GPT and Llama alike (the global shape under FSDP)
     per_forward = max(1, LOGIT_BUDGET // (max(len(i) for i in inps) * vocab))
     out: list[float] = []
     for start in range(0, len(rows), per_forward):
@@ -102,11 +102,13 @@ def score_requests(model, rows, block_size: int, device, autocast) -> list[float
             x[j, : len(inps[i])] = torch.tensor(inps[i])
         with autocast():
             logits = model(x.to(device))[0]
+        sums = []
         for j, i in enumerate(part):
             cont, n = rows[i][1], len(inps[i])
             lp = F.log_softmax(logits[j, n - len(cont) : n].float(), dim=-1)
             picked = lp.gather(1, torch.tensor(cont, device=lp.device).unsqueeze(1))
-            out.append(float(picked.sum()))
+            sums.append(picked.sum())
+        out += torch.stack(sums).tolist()  # host sync: once per forward, an evaluation
     return out
 
 

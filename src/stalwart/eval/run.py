@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from stalwart.errors import UserError
 from stalwart.eval import mc
+from stalwart.eval.bpb import bits_per_byte
 from stalwart.eval.sample import load_any
 from stalwart.eval.tasks import load_task
 
@@ -37,12 +40,34 @@ def run_eval(path: str, task: str, data: str, out: str | None = None, device: st
 
 
 def _bpb(path: str, data: str, device: str) -> dict:
-    raise UserError("--task bpb is not available yet (stalwart.eval.bpb)")
+    """Bits per byte of a text file with the model's own tokenizer (eval/bpb.py): every token
+    scored once, after the end-of-text token when the tokenizer has one, over the file's bytes."""
+    p = Path(data)
+    if not p.is_file():
+        raise UserError(f"text file {p} not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p} is not UTF-8 text (byte {e.start}): --task bpb reads text") from None
+    model, tok = load_any(path, device)
+    ids = tok.encode(text)
+    n_bytes = len(text.encode("utf-8"))
+    if tok.eot_id is None:  # the first token is context only: its bytes are not scored
+        n_bytes -= len(tok.decode(ids[:1]).encode("utf-8"))
+    if len(ids) < 2 or n_bytes <= 0:
+        raise UserError(f"{p} is too short to score (at least 2 tokens)")
+    block = model.cfg.block_size
+    r = bits_per_byte(model, np.asarray(ids), n_bytes, block, device=device, bos=tok.eot_id,
+                      stride=max(1, block // 2))  # fmt: skip
+    return {"task": "bpb", "data": str(data), "model": str(path), **r}
 
 
 def format_result(r: dict) -> str:
     if r["task"] == "bpb":
-        return f"{r['data']}: {r['bpb']:.4f} bits/byte ({r['bytes']:,} bytes)"
+        return (
+            f"{r['data']}: {r['bits_per_byte']:.4f} bits/byte ({r['tokens']:,} tokens scored, "
+            f"{r['bytes']:,} bytes)"
+        )
     return (
         f"{r['task']} on {r['data']} ({r['n']} examples): acc {r['acc']:.4f}, "
         f"acc_norm {r['acc_norm']:.4f} (chance {r['chance']:.4f})"
