@@ -31,11 +31,11 @@ class Encoded:
     digest: bytes  # sha256 over the batch's (name, text) pairs: the corpus fingerprint
 
 
-def init_worker(spec: str, tok_dir: str | None, dtype: str, val_frac: float) -> None:
-    """Per process: build the tokenizer once (a pool's initializer; also used in-process)."""
-    _state.update(
-        tok=build_tokenizer(spec, tok_dir), dtype=np.dtype(dtype), threshold=int(val_frac * 2**64)
-    )
+def init_worker(spec: str, tok_dir: str | None, dtype: str, val_frac: float, tok=None) -> None:
+    """Per process: build the tokenizer once (a pool's initializer; also used in-process, where
+    `tok` passes the one already built)."""
+    tok = tok or build_tokenizer(spec, tok_dir)
+    _state.update(tok=tok, dtype=np.dtype(dtype), threshold=int(val_frac * 2**64))
 
 
 def is_held_out(data: bytes, threshold: int) -> bool:

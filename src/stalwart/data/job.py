@@ -79,8 +79,8 @@ class Job:
         batches = _batches(self.corpus, self.docs)
         spec = self.settings["tokenizer"]
         args = (spec, str(self.work), self.dtype.name, self.settings["val_frac"])
-        if workers == 1:
-            encode.init_worker(*args)
+        if workers == 1:  # in this process, with the tokenizer prepare.py already built
+            encode.init_worker(*args, tok=self.tok)
             for batch, n in batches:
                 self._consume(batch, n, encode.encode_batch(batch))
             return
