@@ -307,10 +307,14 @@ def test_not_a_model_directory(trained, tmp_path, capsys):
     (junk / "notes.txt").write_text("hello")
     with pytest.raises(UserError, match="is not a model"):
         load_init_weights(trained.model, junk)
-    (junk / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (junk / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(UserError, match="only GPT-2"):
         load_init_weights(trained.model, junk)
     _user_error(capsys, ["sample", junk], "only GPT-2")
+    (junk / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(UserError, match="is a Llama model: set --model.arch llama"):
+        load_init_weights(trained.model, junk)  # a gpt2 model: say which arch fits
+    _user_error(capsys, ["sample", junk], "Llama config.json but no model.safetensors")
     _user_error(capsys, ["export", junk, "--out", tmp_path / "out"], "no valid checkpoint")
     _user_error(capsys, ["export", trained.run, "--out", junk], "already exists")
     assert sorted(p.name for p in junk.iterdir()) == ["config.json", "notes.txt"]  # untouched
