@@ -18,6 +18,7 @@ import pytest
 import tomllib
 
 from stalwart import parallel
+from stalwart.checkpoint import format as ck
 from stalwart.cli import main
 from stalwart.config import Config, load_config
 from stalwart.errors import UserError
@@ -286,8 +287,8 @@ def test_torchrun_without_a_mode_trains_data_parallel(tmp_path, tiny_data):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "WORLD_SIZE=2, so --parallel.mode auto trains data parallel with DDP" in r.stderr
     assert r.stderr.count("--parallel.mode auto trains") == 1  # said once, by rank 0
-    state = json.loads((run / "checkpoints/step_00000010/state.json").read_text())
-    assert state["dist"]["mode"] == "ddp" and state["dist"]["world_size"] == 2
+    dist = ck.read_json_state(run / "checkpoints/step_00000010", ("dist",))["dist"]
+    assert dist["mode"] == "ddp" and dist["world_size"] == 2
 
 
 def test_auto_is_one_process_without_torchrun(monkeypatch):
