@@ -8,8 +8,9 @@ update) in `Trainer.train_step`, step 7 (log, evaluate, health, checkpoint) in
 
 from __future__ import annotations
 
+from stalwart.callbacks import AfterStep, Callback
 from stalwart.config import Config
-from stalwart.trainer import AfterStep, Callback, RunResult, Trainer, forward_backward
+from stalwart.trainer import RunResult, Trainer, forward_backward
 
 __all__ = ["AfterStep", "Callback", "RunResult", "Trainer", "forward_backward", "train"]
 

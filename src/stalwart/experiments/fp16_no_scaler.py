@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from stalwart.callbacks import Callback
 from stalwart.experiments.common import (
     Context,
     RunRecord,
@@ -28,7 +29,6 @@ from stalwart.experiments.common import (
     write_report,
 )
 from stalwart.experiments.presets import RUN, preset
-from stalwart.trainer import Callback
 
 FP16_TINY = 2.0**-24  # smallest fp16 subnormal: anything smaller is zero
 COMMON = {"optim.lr": 1e-3, "optim.grad_clip": 1.0, **RUN, "schedule.name": "cosine"}
