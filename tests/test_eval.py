@@ -254,3 +254,18 @@ def test_bits_per_byte_of_a_text_file(trained, tmp_path):
     text.write_bytes(b"\xff\xfe\x00")
     r = run_cli("eval", trained / "hf", "--task", "bpb", "--data", text)
     assert r.returncode == 2 and "not UTF-8" in r.stderr
+
+
+def test_tasks_and_samples_leave_the_training_unchanged(trained, tmp_path, tiny_data):
+    from stalwart.train import train
+
+    cfg = tiny_config(tmp_path / "plain", tiny_data, "--eval.tasks", "none",
+                      "--train.precision", "fp32", "--train.dashboard", "false")  # fmt: skip
+    train(cfg, progress=False)
+
+    def losses(run):
+        recs = read_metrics(run / "metrics.jsonl")
+        return [(r["step"], repr(r["train_loss"]), repr(r.get("val_loss"))) for r in recs
+                if "train_loss" in r]  # fmt: skip
+
+    assert losses(tmp_path / "plain") == losses(trained / "run")
