@@ -269,3 +269,28 @@ def test_tasks_and_samples_leave_the_training_unchanged(trained, tmp_path, tiny_
                 if "train_loss" in r]  # fmt: skip
 
     assert losses(tmp_path / "plain") == losses(trained / "run")
+
+
+def test_samples_of_replayed_steps_are_written_once(tmp_path, tiny_data):
+    """A crash after step 15 and a resume from the step-10 checkpoint: samples.jsonl, like
+    metrics.jsonl, drops what the killed attempt wrote after its checkpoint."""
+    from collections import Counter
+
+    from stalwart.train import AfterStep, train
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, record):
+        if step == 15:
+            raise Crash
+
+    over = ("--train.sample_interval", "5", "--train.max_steps", "20")
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(tiny_config(run, tiny_data, *over), progress=False, callbacks=[AfterStep(crash)])
+    before = Counter(json.loads(line)["step"] for line in open(run / "samples.jsonl"))
+    assert set(before) == {5, 10, 15}
+    train(tiny_config(run, tiny_data, *over), progress=False)
+    after = Counter(json.loads(line)["step"] for line in open(run / "samples.jsonl"))
+    assert set(after) == {5, 10, 15, 20} and len(set(after.values())) == 1  # each step once

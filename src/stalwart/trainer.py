@@ -31,7 +31,13 @@ from stalwart.export import load_init_weights
 from stalwart.health.monitor import build_monitor
 from stalwart.health.recovery import Recovery
 from stalwart.logs.loggers import attach_loggers
-from stalwart.logs.metrics import MetricsLog, Progress, StepTimer, throughput_record
+from stalwart.logs.metrics import (
+    MetricsLog,
+    Progress,
+    StepTimer,
+    throughput_record,
+    truncate_after,
+)
 from stalwart.memory.measure import memory_record
 from stalwart.model.gpt import build_model
 from stalwart.optim.build import build_optimizer
@@ -224,6 +230,8 @@ class Trainer:
         path = self._resume()
         if path is not None:
             self.saver.restored(path)  # the newest good checkpoint until the next save
+        if self.ctx.is_main:  # the samples of replayed steps are written again, like metrics
+            truncate_after(self.run_dir / "samples.jsonl", self.loop.step)
         cfg = self.cfg
         log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.ctx.is_main)
         self.log = attach_loggers(  # TensorBoard, W&B
