@@ -11,6 +11,7 @@ from stalwart.data.loader import BatchLoader, EpochOrder, eval_batches, open_dat
 from stalwart.data.prepare import check_ids, prepare, stdlib_sources
 from stalwart.data.tokenizer import ByteTokenizer, load_tokenizer
 from stalwart.errors import UserError
+from tests.conftest import TINY, run_cli
 
 EOT = 256
 
@@ -140,6 +141,15 @@ def test_old_single_file_dataset_opens(tmp_path):
     assert len(ds.train) == 1000 and np.array_equal(ds.val[:], ids[:300])
     batches = BatchLoader(ds.train, 16, 4, 1, seed=0).next()
     assert batches[0][0].shape == (4, 16)
+    # and `stalwart train` trains on it to the end-of-run report (no end-of-text id there)
+    run = tmp_path / "run"
+    r = run_cli(
+        "train", *TINY, "--model.block_size", "16", "--train.max_steps", "6",
+        "--schedule.warmup_steps", "1", "--train.dashboard", "false",
+        "--data.dir", d, "--run.dir", run,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "held-out, whole split:" in r.stdout
 
 
 def test_open_dataset_errors(tmp_path, tiny_data):

@@ -20,14 +20,13 @@ def whole_split_bpb(cfg: Config, result) -> dict:
     """bits/byte of the final model over the whole held-out split (eval.bpb), every token
     scored after the end-of-text that separates documents."""
     data = open_dataset(cfg.data.dir)
-    tok = checkpoint_tokenizer(
-        result.run_dir / "checkpoints" / f"step_{result.step:08d}", data.meta, cfg.data.dir
-    )
     device = next(result.model.parameters()).device
     block = result.model.cfg.block_size
+    # the dataset's own separator: a dataset prepared before documents were separated has none
+    # (and its vocabulary may not even hold the tokenizer's end-of-text id)
     return bits_per_byte(
         result.model, data.val, data.meta["val_bytes"], block, batch=8, device=device,
-        bos=tok.eot_id, stride=block // 2,
+        bos=data.meta.get("eot_id"), stride=block // 2,
     )  # fmt: skip
 
 
