@@ -9,8 +9,6 @@ Hugging Face export is a rename and a transpose, nothing more.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from stalwart.config import ModelConfig, parse_activation_checkpointing
 from stalwart.model import llama
+from stalwart.model.common import TransformerLM
 from stalwart.model.kernels import gelu_tanh
 from stalwart.model.recompute import selective_contexts
 
@@ -83,7 +82,7 @@ class Block(nn.Module):
         return self._forward(x)
 
 
-class GPT(nn.Module):
+class GPT(TransformerLM):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
@@ -100,24 +99,6 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-2)
         self.apply(self._init_weights)
         self.set_activation_checkpointing(cfg.activation_checkpointing)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "residual_proj", False):
-                # each residual branch adds to the stream: 2 per block, keep its variance fixed
-                std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def set_activation_checkpointing(self, spec: str) -> None:
-        kind, every = parse_activation_checkpointing(spec)
-        for i, block in enumerate(self.transformer.h):
-            block.checkpointed = kind == "full" or (kind == "every" and i % every == 0)
-            block.selective = kind == "selective"
 
     @property
     def blocks(self) -> nn.ModuleList:

@@ -14,14 +14,13 @@ Activation checkpointing (full / every:K / selective) works as in GPT-2 (model/g
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from stalwart.config import ModelConfig, parse_activation_checkpointing
+from stalwart.config import ModelConfig
+from stalwart.model.common import TransformerLM
 from stalwart.model.recompute import selective_contexts
 
 
@@ -124,7 +123,7 @@ class DecoderLayer(nn.Module):
         return self._forward(x, cos, sin)
 
 
-class Llama(nn.Module):
+class Llama(TransformerLM):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
@@ -144,21 +143,6 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.set_activation_checkpointing(cfg.activation_checkpointing)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "residual_proj", False):  # as GPT-2: 2 residual adds per layer
-                std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def set_activation_checkpointing(self, spec: str) -> None:
-        kind, every = parse_activation_checkpointing(spec)
-        for i, layer in enumerate(self.model.layers):
-            layer.checkpointed = kind == "full" or (kind == "every" and i % every == 0)
-            layer.selective = kind == "selective"
 
     @property
     def blocks(self) -> nn.ModuleList:
