@@ -195,7 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_prepare(sub)
+    _add_training(sub)
+    _add_artifacts(sub)
+    _add_inspection(sub)
+    return p
 
+
+def _add_prepare(sub) -> None:
+    """Subcommands: the dataset."""
     s = sub.add_parser("prepare", help="tokenize text into a dataset directory")
     s.add_argument(
         "inputs", nargs="*",
@@ -218,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing dataset")
     s.set_defaults(fn=cmd_prepare)
 
+
+def _add_training(sub) -> None:
+    """Subcommands: train, and what plans and measures it."""
     s = sub.add_parser("train", help="train (resumes from the run dir's newest valid checkpoint)")
     _config_args(s)
     s.add_argument("--quiet", action="store_true", help="no progress display")
@@ -256,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(fn=cmd_bench, overrides=True)
 
+
+def _add_artifacts(sub) -> None:
+    """Subcommands: what reads checkpoints and exports."""
     s = sub.add_parser("sample", help="generate text from a run, checkpoint or exported dir")
     s.add_argument("path", help="RUN_DIR, CKPT_DIR or an exported dir (hf or safetensors)")
     s.add_argument("--prompt", default="", help="text to continue")
@@ -288,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_ckpt)
 
+
+def _add_inspection(sub) -> None:
+    """Subcommands: runs, the config, experiments."""
     s = sub.add_parser("doctor", help="diagnose a run (running, finished or crashed)")
     s.add_argument("run_dir")
     s.add_argument("--json", action="store_true", help="one JSON object instead of the report")
@@ -310,7 +327,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", help="prepared dataset dir (default data/stdlib-byte, made if missing)"
     )
     s.set_defaults(fn=cmd_experiment)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
