@@ -176,7 +176,11 @@ def test_inspect_tokens_names_ids_and_embedding_rows():
 
 @pytest.mark.slow
 def test_healthy_tiny_run_has_no_diagnoses(tmp_path, tiny_data):
-    result, records = _run(tmp_path / "ok", tiny_data, "--train.max_steps", 60, *QUICK)
+    # the throughput detector is off here: on a shared machine a burst of load is a real drop
+    # (test_throughput_drop_from_a_slow_loader checks that detector)
+    result, records = _run(
+        tmp_path / "ok", tiny_data, "--train.max_steps", 60, *QUICK, "--health.throughput_drop", 0
+    )
     assert result.health_stop is None and result.step == 60
     assert _symptoms(records) == []
     assert not [r for r in records if r.get("event") == "rollback"]

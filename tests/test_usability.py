@@ -207,7 +207,12 @@ def test_wandb_resumes_the_same_run_offline(tmp_path, tiny_data, monkeypatch):
     run_id = (run / "wandb_run_id").read_text().strip()
     attempts = sorted((run / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2  # the crashed attempt and the resumed one
-    assert all(p.name.endswith(f"-{run_id}") for p in attempts)
+    # offline-run-DATE_TIME-ID, plus "-1" when both attempts start within the same second
+    ids = {re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(-\d+)?", p.name)[1] for p in attempts}
+    assert ids == {run_id}
+    assert {p.name for p in (run / "wandb").glob("offline-run-*/run-*.wandb")} == {
+        f"run-{run_id}.wandb"
+    }
 
 
 # ---- 6. other Pythons ------------------------------------------------------------------------
