@@ -53,16 +53,17 @@ def test_flops_per_token_formula():
     assert flops_per_token(cfg, V) == 6 * (12 * L * C * C + V * C) + 12 * L * T * C
 
 
-@pytest.mark.parametrize("spec", ["full", "every:2"])
-def test_activation_checkpointing_gives_identical_gradients(spec):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("spec", ["full", "every:2", "selective"])
+def test_activation_checkpointing_gives_identical_gradients(spec, arch):
     torch.manual_seed(0)
-    ref = build_model(tiny(n_layer=3), 256)
-    ckpt = build_model(tiny(n_layer=3, activation_checkpointing=spec), 256)
+    ref = build_model(tiny(n_layer=3, arch=arch), 256)
+    ckpt = build_model(tiny(n_layer=3, arch=arch, activation_checkpointing=spec), 256)
     ckpt.load_state_dict(ref.state_dict())
     x = torch.randint(0, 256, (4, 32))
     for m in (ref, ckpt):
         _, loss = m(x, x)
         loss.backward()
-    assert any(b.checkpointed for b in ckpt.transformer.h)
+    assert any(b.checkpointed or b.selective for b in ckpt.blocks)
     for (n, a), (_, b) in zip(ref.named_parameters(), ckpt.named_parameters()):
         assert torch.equal(a.grad, b.grad), n
