@@ -38,7 +38,7 @@ def runs(tiny_data, tmp_path_factory):
     train(tiny_config(root / "one", tiny_data, *COMMON, *ONE_RANK, *LLAMA), progress=False)
     jobs = {
         mode: torchrun_cmd(root / mode, tiny_data, *TWO_RANKS, *LLAMA, "--parallel.mode", mode)
-        for mode in ("ddp", "fsdp")
+        for mode in ("ddp", "fsdp", "zero1")
     }
     with ExitStack() as stack:
         procs = {m: stack.enter_context(launched(c, root / f"{m}.log")) for m, c in jobs.items()}
@@ -50,7 +50,7 @@ def runs(tiny_data, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "zero1"])
 def test_llama_muon_two_ranks_equal_one_process(runs, mode):
     assert_close(losses(runs / mode), losses(runs / "one"), tol=2e-5)
     assert_weights_close(final(runs / mode), final(runs / "one"), atol=1e-4)
