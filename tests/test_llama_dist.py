@@ -1,4 +1,4 @@
-"""Llama with Muon across real processes (torchrun, gloo, CPU): DDP and FSDP2 equal one process.
+"""Llama with Muon across real processes (torchrun, gloo, CPU): DDP, FSDP2 and ZeRO-1 equal one process.
 
 Muon orthogonalises each hidden matrix's whole update. Under DDP every rank holds the whole
 all-reduced gradient; under FSDP2 a rank holds a shard, and Muon gathers the matrix, runs the
