@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from stalwart.config import parse_activation_checkpointing
 
@@ -28,3 +30,12 @@ class TransformerLM(nn.Module):
         for i, block in enumerate(self.blocks):
             block.checkpointed = kind == "full" or (kind == "every" and i % every == 0)
             block.selective = kind == "selective"
+
+    @staticmethod
+    def _with_loss(logits: torch.Tensor, targets: torch.Tensor | None):
+        """(logits, loss): the loss in fp32 even under autocast (log-softmax over the vocab
+        needs the range); None without targets."""
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss

@@ -120,12 +120,7 @@ class GPT(TransformerLM):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B,T,C)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
-        if targets is None:
-            return logits, None
-        # the loss in fp32 even under autocast: log-softmax over the vocab needs the range
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
-        return logits, loss
+        return self._with_loss(self.lm_head(self.transformer.ln_f(x)), targets)  # (B, T, vocab)
 
     def num_params(self, exclude_position: bool = False) -> int:
         """Unique parameters (the tied head counted once); optionally without wpe."""

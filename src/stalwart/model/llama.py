@@ -162,11 +162,7 @@ class Llama(TransformerLM):
         x = self.model.embed_tokens(idx)  # (B, T, C)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
-        logits = self.lm_head(self.model.norm(x))  # (B, T, vocab)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
-        return logits, loss
+        return self._with_loss(self.lm_head(self.model.norm(x)), targets)  # (B, T, vocab)
 
     def num_params(self, exclude_position: bool = False) -> int:
         """Unique parameters (a tied head counted once); no position table to exclude."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from stalwart.config import OptimConfig
-from stalwart.optim.reference import adam_update_
+from stalwart.optim.reference import adam_state, adam_update_
 
 # Quintic Newton-Schulz coefficients (Keller Jordan): chosen to maximise the slope at zero so
 # that 5 iterations pull every singular value into roughly [0.7, 1.2] (not exactly 1, which
@@ -147,12 +147,7 @@ class Muon(torch.optim.Optimizer):
         w.add_(ortho, alpha=-lr)
 
     def _adamw_update(self, w: torch.Tensor, lr: float, group: dict) -> None:
-        state = self.state[w]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(w)
-            state["exp_avg_sq"] = torch.zeros_like(w)
-        state["step"] += 1
+        state = adam_state(self.state[w], w)
         if group["weight_decay"]:
             w.mul_(1 - lr * group["weight_decay"])
         beta1, beta2 = group["betas"]

@@ -18,6 +18,17 @@ import torch
 from stalwart.config import OptimConfig
 
 
+def adam_state(state: dict, w: torch.Tensor) -> dict:
+    """An Adam parameter's state (step, moments; created at its first update), its step
+    counted for the update about to happen."""
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(w)
+        state["exp_avg_sq"] = torch.zeros_like(w)
+    state["step"] += 1
+    return state
+
+
 def adam_update_(
     w: torch.Tensor,
     g: torch.Tensor,
@@ -135,12 +146,7 @@ class Adam(torch.optim.Optimizer):
                     w.mul_(1 - lr * wd)  # AdamW: shrink the weights themselves
                 elif wd:
                     g = g.add(w, alpha=wd)  # Adam: L2 term joins the gradient
-                state = self.state[w]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(w)
-                    state["exp_avg_sq"] = torch.zeros_like(w)
-                state["step"] += 1
+                state = adam_state(self.state[w], w)
                 adam_update_(
                     w, g, state["exp_avg"], state["exp_avg_sq"], state["step"], lr, beta1, beta2,
                     group["eps"],
