@@ -1,9 +1,11 @@
-"""One prepare run: documents in batches -> worker processes -> token shards, in order.
+"""One prepare run: pieces of the input -> workers that read and tokenize them -> token shards,
+in input order.
 
-`Job` holds the counters, the two shard writers and the held-out sample; `run()` streams the
-batches through a bounded window of worker futures (at most 2 per worker: bounded memory) and
-`finish()` writes meta.json. prepare.py decides what to run and where (settings, resume, the
-tokenizer, publishing the result).
+`Job` holds the counters, the two shard writers and the held-out sample; `run()` hands the
+pieces (sources.py) to worker processes, at most 2 per worker in flight, each of which reads its
+piece itself and writes the chunks to a spill file (encode.py), and consumes the results in
+input order; `finish()` writes meta.json. prepare.py decides what to run and where (settings,
+resume, the tokenizer, publishing the result).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -29,28 +32,10 @@ from stalwart.errors import UserError
 from stalwart.eval.builtin_task import make_next_line_task
 
 FORMAT = 2
-BATCH_CHARS = 1 << 20
 SYNC_EVERY_S = 30.0
 HELDOUT = "heldout.jsonl"  # held-out documents kept for the baselines (and the built-in task)
 TASK_FILE = "tasks/next-line.jsonl"
-
-
-def _batches(corpus: Corpus, skip: int):
-    """(documents, how many were consumed) in batches of about BATCH_CHARS characters. Batch
-    boundaries depend only on the documents, so a resume that skips the first `skip` documents
-    (always a batch boundary) continues with the very same batches."""
-    batch, size, consumed = [], 0, 0
-    for doc in islice(corpus, skip, None):
-        consumed += 1
-        if not doc[1]:
-            continue  # an empty document is no document
-        batch.append(doc)
-        size += len(doc[1])
-        if size >= BATCH_CHARS:
-            yield batch, consumed
-            batch, size, consumed = [], 0, 0
-    if batch:
-        yield batch, consumed
+SPILL = "spill"
 
 
 class Job:
@@ -60,11 +45,14 @@ class Job:
         self.work, self.corpus, self.tok, self.settings = work, corpus, tok, settings
         self.dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
         s = state or {}
-        self.docs = s.get("docs", 0)  # documents consumed, empty ones included
+        # where the input resumes: the next piece to consume, and its chunks already consumed
+        self.piece, self.chunk = s.get("piece", 0), s.get("chunk", 0)
+        self.skipped: list[str] = s.get("skipped", [])  # files that are not UTF-8 text
+        self.disk_done = s.get("disk_done", 0)
         self.counts = s.get("counts", {"train_docs": 0, "val_docs": 0, "train_bytes": 0,
                                        "val_bytes": 0, "moved_by_cap": 0})  # fmt: skip
         self.byte_counts = np.array(s.get("byte_counts", [0] * 256), dtype=np.int64)
-        self.chain = s.get("chain", "")  # sha256 chained over batch digests: the corpus id
+        self.chain = s.get("chain", "")  # sha256 chained over chunk digests: the corpus id
         self.heldout_limit = None if corpus.builtin else settings["baseline_bytes"]
         self.heldout_size = s.get("heldout_size", 0)
         with open(work / HELDOUT, "ab") as f:
@@ -75,32 +63,56 @@ class Job:
         self.meter = Meter(corpus.bytes_total, enabled=progress)
         self.last_sync = time.monotonic()
 
-    def run(self, workers: int) -> None:
-        batches = _batches(self.corpus, self.docs)
-        spec = self.settings["tokenizer"]
-        args = (spec, str(self.work), self.dtype.name, self.settings["val_frac"])
+    def run(self, workers: int, piece_bytes: int) -> None:
+        pieces = islice(self.corpus.pieces(piece_bytes), self.piece, None)
+        spec, s = self.settings["tokenizer"], self.settings
+        args = (spec, str(self.work), self.dtype.name, s["val_frac"], self.corpus.text_field,
+                self.heldout_limit)  # fmt: skip
         if workers == 1:  # in this process, with the tokenizer prepare.py already built
             encode.init_worker(*args, tok=self.tok)
-            for batch, n in batches:
-                self._consume(batch, n, encode.encode_batch(batch))
+            for piece in pieces:
+                skipped: list[str] = []
+                chunks = encode.piece_chunks(piece, skipped)
+                for enc in islice(chunks, self.chunk, None):
+                    self._consume(enc)
+                self._end_piece(piece, skipped)
             return
+        spill = self.work / SPILL
+        shutil.rmtree(spill, ignore_errors=True)
+        spill.mkdir()
         ctx = get_context("spawn")  # no fork of a process that may hold threads (torch, arrow)
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=args)
+        ok = False
         try:
-            pending: deque = deque()  # in order, at most 2 per worker: bounded memory
-            for batch, n in batches:
-                pending.append((batch, n, pool.submit(encode.encode_batch, batch)))
+            pending: deque = deque()  # in input order, at most 2 per worker: bounded memory
+            for piece in pieces:
+                path = spill / f"{piece.index}.npy"
+                skip = self.chunk if not pending and piece.index == self.piece else 0
+                pending.append((piece, path, pool.submit(encode.run_piece, piece, skip, str(path))))
                 if len(pending) >= 2 * workers:
-                    done, n_done, fut = pending.popleft()
-                    self._consume(done, n_done, fut.result())
+                    self._collect(*pending.popleft())
             while pending:
-                done, n_done, fut = pending.popleft()
-                self._consume(done, n_done, fut.result())
+                self._collect(*pending.popleft())
+            ok = True
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            _stop(pool, wait=ok)
+        shutil.rmtree(spill, ignore_errors=True)
 
-    def _consume(self, batch: list, consumed: int, enc: encode.Encoded) -> None:
-        """Route one batch's documents to the splits, in order; sync at shard ends."""
+    def _collect(self, piece, path: Path, fut) -> None:
+        """One piece's results, from the spill file its worker wrote."""
+        index, skipped = fut.result()  # a worker's UserError / OSError is raised here, as it was
+        for enc in encode.read_spill(path, index, self.dtype):
+            self._consume(enc)
+        path.unlink()
+        self._end_piece(piece, skipped)
+
+    def _end_piece(self, piece, skipped: list[str]) -> None:
+        self.skipped += skipped
+        self.piece, self.chunk = piece.index + 1, 0
+        self.disk_done += piece.size
+
+    def _consume(self, enc: encode.Encoded) -> None:
+        """Route one chunk's documents to the splits, in order; sync at shard ends."""
         val = enc.val.copy()
         cap, c = self.settings["val_tokens"], self.counts
         room = cap - self.val.tokens
@@ -113,11 +125,15 @@ class Job:
         ends = np.cumsum(enc.doc_tokens)
         starts = ends - enc.doc_tokens
         if val.any():
+            texts = {i: (name, text) for i, name, text in enc.heldout}
             for i in np.flatnonzero(val):
                 self.val.write(enc.tokens[starts[i] : ends[i]])
-                self._keep_heldout(*batch[i])
-            keep = [enc.tokens[s:e] for s, e, v in zip(starts, ends, val) if not v]
-            self.train.write(np.concatenate(keep) if keep else enc.tokens[:0])
+                if int(i) in texts:
+                    self._keep_heldout(*texts[int(i)])
+            # the runs of train documents between held-out ones, written as they are (no copy)
+            edges = np.flatnonzero(np.diff(np.concatenate([[True], val, [True]]).astype(np.int8)))
+            for a, b in zip(edges[::2].tolist(), edges[1::2].tolist()):
+                self.train.write(enc.tokens[starts[a] : ends[b - 1]])
         else:
             self.train.write(enc.tokens)
         c["val_docs"] += int(val.sum())
@@ -126,10 +142,8 @@ class Job:
         c["train_bytes"] += int(enc.doc_bytes[~val].sum())
         self.byte_counts += enc.byte_counts
         self.chain = _sha256((self.chain + enc.digest.hex()).encode())
-        self.docs += consumed
-        self.meter.add(
-            int(enc.doc_bytes.sum()), len(batch), len(enc.tokens), self.corpus.bytes_done
-        )
+        self.chunk += 1
+        self.meter.add(int(enc.doc_bytes.sum()), len(val), len(enc.tokens), self.disk_done)
         if (
             self.train.finished_since_sync
             or self.val.finished_since_sync
@@ -148,7 +162,8 @@ class Job:
     def _sync(self) -> None:
         """Make the shards durable, then record how far they go (atomically: tmp + rename)."""
         state = {
-            "settings": self.settings, "docs": self.docs, "counts": self.counts,
+            "settings": self.settings, "piece": self.piece, "chunk": self.chunk,
+            "skipped": self.skipped, "disk_done": self.disk_done, "counts": self.counts,
             "byte_counts": self.byte_counts.tolist(), "chain": self.chain,
             "heldout_size": self.heldout_size, "train": self.train.sync(), "val": self.val.sync(),
         }  # fmt: skip
@@ -162,9 +177,9 @@ class Job:
 
     def finish(self) -> dict:
         train, val = self.train.close(), self.val.close()
-        if self.corpus.skipped:
-            say(f"skipped {len(self.corpus.skipped)} files that are not UTF-8 text, e.g. "
-                f"{self.corpus.skipped[0]}")  # fmt: skip
+        if self.skipped:
+            say(f"skipped {len(self.skipped)} files that are not UTF-8 text, e.g. "
+                f"{self.skipped[0]}")  # fmt: skip
         n_train, n_val = self.train.tokens, self.val.tokens
         if n_train + n_val == 0:
             raise UserError("the inputs hold no text: pass non-empty text files")
@@ -217,7 +232,7 @@ class Job:
             "train_bytes": c["train_bytes"], "val_bytes": c["val_bytes"],
             "documents": c["train_docs"] + c["val_docs"],
             "documents_by_split": {"train": c["train_docs"], "val": c["val_docs"]},
-            "skipped_files": len(self.corpus.skipped),
+            "skipped_files": len(self.skipped),
             "shards": {"train": train, "val": val},
             "split": {
                 "rule": "blake2b-64(utf-8 text) / 2**64 < val_frac, then the val_tokens cap",
@@ -248,6 +263,14 @@ def _init(*args) -> None:
     except OSError:
         pass
     encode.init_worker(*args)
+
+
+def _stop(pool: ProcessPoolExecutor, wait: bool) -> None:
+    """Shut the pool down; after an error, kill the workers rather than wait for their pieces."""
+    if not wait:
+        for proc in list(getattr(pool, "_processes", {}).values()):  # no public kill before 3.14
+            proc.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _sha256(data: bytes) -> str:

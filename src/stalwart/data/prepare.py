@@ -1,15 +1,17 @@
 """`stalwart prepare`: documents -> token shards + meta.json, streaming, parallel, resumable.
 
-The documents flow through in batches of about `BATCH_CHARS` characters (sources.py reads them
-one at a time); `workers` processes tokenize batches (encode.py) while this process reads the
-next ones and writes results, in order, into token shards (shards.py). Nothing proportional to
-the corpus is held: memory is a few batches per worker. Each document ends with end-of-text and
-goes to the train or held-out split by a hash of its text, capped at `val_tokens`.
+The input is cut into pieces (sources.py: files, parquet row groups, byte ranges of big .jsonl
+files, about `piece_bytes` each); `workers` processes each read, decode and tokenize whole
+pieces by themselves (encode.py), while this process only routes their results, in input order,
+into token shards (shards.py) and hashes them. Nothing proportional to the corpus is held:
+memory is one chunk of ~1 MB of text per process (a worker's results wait in a spill file).
+Each document ends with end-of-text and goes to the train or held-out split by a hash of its
+text, capped at `val_tokens`.
 
 Atomic and resumable: everything is written into `.OUT.partial/` beside OUT, which holds no
 meta.json (so it never opens as a dataset) until the end, when it is renamed to OUT. At every
-finished shard (and every 30 s) the shards are synced and `progress.json` records how many
-documents are done; a rerun of the same command after a crash continues from there (a changed
+finished shard (and every 30 s) the shards are synced and `progress.json` records the piece
+and chunk reached; a rerun of the same command after a crash continues from there (a changed
 command or changed inputs start over). A user error removes the partial output.
 """
 
@@ -26,7 +28,7 @@ import numpy as np
 
 from stalwart.data import encode
 from stalwart.data.job import Job
-from stalwart.data.sources import Corpus, stdlib_sources
+from stalwart.data.sources import PIECE_BYTES, Corpus, stdlib_sources
 from stalwart.data.stats import say
 from stalwart.data.tokenizer import GPT2_FILE, HFTokenizer, parse_spec
 from stalwart.errors import UserError
@@ -49,8 +51,10 @@ def prepare(
     bpe_sample_bytes: int = 100_000_000,
     baseline_bytes: int = 2_000_000,
     progress: bool = True,
+    piece_bytes: int = PIECE_BYTES,
 ) -> dict:
-    """Build a dataset directory; returns its meta.json contents."""
+    """Build a dataset directory; returns its meta.json contents. piece_bytes: the on-disk size
+    of the pieces the workers read (not a CLI flag: tests make it small to get many pieces)."""
     kind, _, vocab_file = parse_spec(tokenizer)
     _check_numbers(val_frac, val_tokens, workers, shard_tokens, bpe_sample_bytes, baseline_bytes)
     out = Path(out)
@@ -61,7 +65,8 @@ def prepare(
     settings = {
         "tokenizer": tokenizer, "val_frac": val_frac, "val_tokens": val_tokens,
         "shard_tokens": shard_tokens, "bpe_sample_bytes": bpe_sample_bytes,
-        "baseline_bytes": baseline_bytes, "corpus": corpus.fingerprint(),
+        "baseline_bytes": baseline_bytes, "piece_bytes": piece_bytes,
+        "corpus": corpus.fingerprint(),
     }  # fmt: skip
     work = out.parent / f".{out.name}.partial"
     state = _resume_state(work, settings)
@@ -70,7 +75,7 @@ def prepare(
             kind, tokenizer, vocab_file, corpus, work, state, val_frac, bpe_sample_bytes
         )
         job = Job(work, corpus, tok, settings, state, progress)
-        job.run(workers)
+        job.run(workers, piece_bytes)
         meta = job.finish()
         _publish(work, out)
     except UserError:
@@ -106,7 +111,7 @@ def _resume_state(work: Path, settings: dict) -> dict | None:
     except (OSError, ValueError):
         state = None
     if state and state.get("settings") == json.loads(json.dumps(settings)):
-        say(f"resuming {work}: {state['docs']:,} documents already done")
+        say(f"resuming {work}: from piece {state['piece']:,}, chunk {state['chunk']:,}")
         return state
     if work.exists():
         say(f"starting over: {work} is from another command or other inputs")

@@ -58,7 +58,7 @@ class ShardWriter:
             if self._f is None:
                 self._f, self._n, self._sha = open(self._path(), "wb"), 0, hashlib.sha256()
             take = tokens[: self.shard_tokens - self._n]
-            data = take.tobytes()
+            data = memoryview(take).cast("B")  # no copy (tokens may be a view of a spill map)
             self._f.write(data)
             self._sha.update(data)
             self._n += len(take)

@@ -1,30 +1,27 @@
 """Where documents come from: files, directories, compressed JSON lines, parquet, a Hugging Face
-dataset, or the built-in corpus. Every reader streams: one document at a time (parquet: one
-record batch), so a corpus of any size flows through in bounded memory.
+dataset, or the built-in corpus, cut into *pieces* that prepare's workers read by themselves.
 
-A document is a `(name, text)` pair. Formats, by file name:
-  *.jsonl, *.jsonl.gz, *.jsonl.zst  one JSON object per line, text in `text_field`
-  *.parquet                         the `text_field` column (pyarrow, record batch by record batch)
-  *.gz, *.zst (other)               one text document, decompressed
-  anything else                     one UTF-8 text document
-A text file larger than `MAX_DOC_CHARS` is cut at line ends into several documents, so that no
-single file has to be held whole.
+The inputs are listed in a fixed order (sorted paths) and cut into parts (readers.py: a whole
+file, a parquet row group, or a byte range of an uncompressed .jsonl file), and consecutive
+parts are grouped into pieces of about `piece_bytes` on disk (a part is never cut further: a
+compressed file is one part however large). Listing reads only file sizes and parquet footers;
+the documents themselves are read by the worker that gets the piece. A Hugging Face dataset is a
+stream with no files to split: this process reads it, and each piece is a batch of its
+documents. The pieces depend only on the inputs and `piece_bytes`, never on the worker count.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
 import sys
 import sysconfig
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from stalwart.data.readers import BLOCK_BYTES, Part, open_parquet, read_part
 from stalwart.errors import UserError
 
-MAX_DOC_CHARS = 16 << 20
-PARQUET_BATCH_ROWS = 1024
+PIECE_BYTES = 32 << 20
 
 
 def stdlib_root() -> Path:
@@ -44,18 +41,25 @@ def stdlib_sources() -> list[Path]:
     return out
 
 
-class Corpus:
-    """The documents of the inputs, in a fixed order (sorted paths), streamed.
+@dataclass
+class Piece:
+    """The unit of work of one prepare worker: parts of files, or a batch of documents."""
 
-    `bytes_done` / `bytes_total`: on-disk bytes of the files read so far and of all of them (for
-    the ETA; None when unknown, e.g. a streamed dataset). `skipped`: files inside a directory
-    that are not UTF-8 text (skipped and counted, not fatal).
+    index: int
+    parts: list[Part] = field(default_factory=list)
+    docs: list[tuple[str, str]] | None = None
+    size: int = 0  # bytes on disk
+    offset: int = 0  # bytes on disk before it (a streamed dataset: ~1 MB per piece)
+
+
+class Corpus:
+    """The documents of the inputs, in a fixed order (sorted paths), as pieces or one by one.
+
+    `bytes_total`: on-disk bytes of all the files (for the ETA; None for a streamed dataset).
     """
 
     def __init__(self, inputs: list[str], text_field: str = "text", hf_dataset: str | None = None):
         self.text_field, self.hf_dataset = text_field, hf_dataset
-        self.skipped: list[str] = []
-        self.bytes_done = 0
         if hf_dataset:
             if inputs:
                 raise UserError("pass either INPUT files or --hf-dataset, not both")
@@ -87,31 +91,64 @@ class Corpus:
         files = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p, _ in self.files]
         return [self.source, self.text_field, files]
 
-    def __iter__(self) -> Iterator[tuple[str, str]]:
-        self.bytes_done, self.skipped = 0, []
+    def pieces(self, piece_bytes: int = PIECE_BYTES) -> Iterator[Piece]:
+        """The pieces in input order, listed lazily (a parquet footer is read when its file's
+        turn comes)."""
         if self.hf_dataset:
-            yield from _read_hf(self.hf_dataset, self.text_field)
+            yield from _hf_pieces(self.hf_dataset, self.text_field)
             return
+        piece = Piece(0)
+        for part in self._parts(piece_bytes):
+            if piece.parts and piece.size + part.size > piece_bytes:
+                yield piece
+                piece = Piece(piece.index + 1, offset=piece.offset + piece.size)
+            piece.parts.append(part)
+            piece.size += part.size
+        if piece.parts:
+            yield piece
+
+    def _parts(self, piece_bytes: int) -> Iterator[Part]:
         for path, in_dir in self.files:
             name = str(path.relative_to(self.root)) if self.builtin else str(path)
-            yield from self._read(path, name, in_dir)
-            self.bytes_done += path.stat().st_size
+            kind, size = _kind(path), path.stat().st_size
+            if kind == "parquet":
+                meta, row = open_parquet(path, self.text_field).metadata, 0
+                for g in range(meta.num_row_groups):
+                    rg = meta.row_group(g)
+                    yield Part(kind, str(path), name, in_dir, rg.total_byte_size, g, row0=row)
+                    row += rg.num_rows
+            elif kind == "jsonl" and path.suffix.lower() == ".jsonl" and size > piece_bytes:
+                for start in range(0, size, piece_bytes):  # byte ranges of an uncompressed file
+                    end = min(start + piece_bytes, size)
+                    yield Part(kind, str(path), name, in_dir, end - start, start, end)
+            else:
+                yield Part(kind, str(path), name, in_dir, size)
 
-    def _read(self, path: Path, name: str, in_dir: bool) -> Iterator[tuple[str, str]]:
-        kind = _kind(path)
-        if kind == "jsonl":
-            yield from _read_jsonl(path, self.text_field)
-        elif kind == "parquet":
-            yield from _read_parquet(path, self.text_field)
-        else:
-            try:
-                yield from _read_text(path, name)
-            except UnicodeDecodeError:
-                if not in_dir:
-                    raise UserError(
-                        f"{path} is not UTF-8 text: convert it or leave it out"
-                    ) from None
-                self.skipped.append(str(path))  # binary files inside a directory are skipped
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        """The documents one by one, read in this process (the BPE sample, benchmarks)."""
+        for piece in self.pieces():
+            if piece.docs is not None:
+                yield from ((n, t) for n, t in piece.docs if t)
+                continue
+            for part in piece.parts:
+                for block in read_part(part, self.text_field, True, []):
+                    yield from zip(block.names, block.texts or [])
+
+
+def _hf_pieces(spec: str, field: str) -> Iterator[Piece]:
+    """A streamed dataset in batches of about BLOCK_BYTES characters of documents."""
+    rows, index = _read_hf(spec, field), 0
+    while True:
+        batch, size = [], 0
+        for doc in rows:
+            batch.append(doc)
+            size += len(doc[1])
+            if size >= BLOCK_BYTES:
+                break
+        if not batch:
+            return
+        yield Piece(index, docs=batch, offset=index * BLOCK_BYTES)
+        index += 1
 
 
 def _expand(inputs: list[str]) -> list[tuple[Path, bool]]:
@@ -139,89 +176,6 @@ def _kind(path: Path) -> str:
     if ".jsonl" in suffixes:
         return "jsonl"
     return "text"
-
-
-def _open_bytes(path: Path):
-    """A binary stream of the file, decompressed by its suffix (gzip, zstandard)."""
-    suffix = path.suffix.lower()
-    if suffix == ".gz":
-        return gzip.open(path, "rb")
-    if suffix == ".zst":
-        try:
-            import zstandard
-        except ImportError:
-            raise UserError(
-                f"{path}: reading .zst needs zstandard: pip install 'stalwart[data]'"
-            ) from None
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-    return open(path, "rb")
-
-
-def _read_text(path: Path, name: str) -> Iterator[tuple[str, str]]:
-    """One document, or several pieces of MAX_DOC_CHARS cut at line ends for a huge file."""
-    with _open_bytes(path) as raw:
-        reader = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="")
-        piece, size, part = [], 0, 0
-        try:
-            for line in reader:
-                if "\0" in line:
-                    raise UnicodeDecodeError("utf-8", b"", 0, 1, "NUL byte: a binary file")
-                piece.append(line)
-                size += len(line)
-                if size >= MAX_DOC_CHARS:
-                    yield (f"{name}#{part}", "".join(piece))
-                    piece, size, part = [], 0, part + 1
-        except (OSError, EOFError) as e:  # gzip.BadGzipFile, a truncated stream
-            raise UserError(f"{path} cannot be read ({e}): a corrupt or truncated file") from None
-        if piece:
-            yield (f"{name}#{part}" if part else name, "".join(piece))
-
-
-def _read_jsonl(path: Path, field: str) -> Iterator[tuple[str, str]]:
-    with _open_bytes(path) as raw:
-        reader = io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
-        lineno = 0
-        try:
-            for lineno, line in enumerate(reader, 1):  # noqa: B007 (named in errors)
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{path}:{lineno} is not valid JSON") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                    raise UserError(
-                        f'{path}:{lineno} has no string "{field}" field: pass --text-field NAME'
-                    )
-                yield (f"{path}:{lineno}", obj[field])
-        except UnicodeDecodeError:
-            raise UserError(f"{path}:{lineno + 1} is not UTF-8") from None
-        except (OSError, EOFError) as e:
-            raise UserError(f"{path} cannot be read ({e}): a corrupt or truncated file") from None
-
-
-def _read_parquet(path: Path, field: str) -> Iterator[tuple[str, str]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(
-            f"{path}: reading parquet needs pyarrow: pip install 'stalwart[data]'"
-        ) from None
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow.ArrowInvalid and friends
-        raise UserError(f"{path} is not a readable parquet file ({e})") from None
-    if field not in pf.schema_arrow.names:
-        raise UserError(
-            f"{path} has no column {field!r} (it has {', '.join(pf.schema_arrow.names)}): "
-            "pass --text-field NAME"
-        )
-    row = 0
-    for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            if text is not None:
-                yield (f"{path}#{row - 1}", text)
 
 
 def _read_hf(spec: str, field: str) -> Iterator[tuple[str, str]]:
