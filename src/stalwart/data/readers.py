@@ -101,7 +101,11 @@ def open_bytes(path: Path):
     """A binary stream of the file, decompressed by its suffix (gzip, zstandard)."""
     suffix = path.suffix.lower()
     if suffix == ".gz":
-        return gzip.open(path, "rb")
+        try:
+            from isal import igzip  # ISA-L: the same gzip, decompressed ~2.7x faster
+        except ImportError:
+            return gzip.open(path, "rb")
+        return igzip.open(path, "rb")
     if suffix == ".zst":
         try:
             import zstandard
@@ -112,6 +116,15 @@ def open_bytes(path: Path):
         stream = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
         return io.BufferedReader(stream, 1 << 20)  # lines: the stream reader has no readline
     return open(path, "rb")
+
+
+def _corrupt() -> tuple:
+    """What a corrupt or truncated compressed file raises while it is read."""
+    try:
+        from isal.isal_zlib import error
+    except ImportError:
+        return (OSError, EOFError)
+    return (OSError, EOFError, error)
 
 
 def _read_text(part: Part) -> Iterator[Block]:
@@ -129,7 +142,7 @@ def _read_text(part: Part) -> Iterator[Block]:
                 if size >= MAX_DOC_CHARS:
                     yield Block.from_texts([f"{name}#{n}"], ["".join(piece)])
                     piece, size, n = [], 0, n + 1
-        except (OSError, EOFError) as e:  # gzip.BadGzipFile, a truncated stream
+        except _corrupt() as e:  # gzip.BadGzipFile, a truncated stream
             raise UserError(f"{path} cannot be read ({e}): a corrupt or truncated file") from None
         if piece:
             yield Block.from_texts([f"{name}#{n}" if n else name], ["".join(piece)])
@@ -190,7 +203,7 @@ def _read_jsonl(part: Part, field: str) -> Iterator[Block]:
                 if size >= BLOCK_BYTES:
                     yield Block.from_texts(names, texts)
                     names, texts, size = [], [], 0
-        except (OSError, EOFError) as e:
+        except _corrupt() as e:
             raise UserError(f"{path} cannot be read ({e}): a corrupt or truncated file") from None
     if texts:
         yield Block.from_texts(names, texts)
