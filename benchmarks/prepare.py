@@ -7,14 +7,16 @@ For each tokenizer (byte, gpt2 from the local vocabulary) and worker count, side
              so this over-estimates)
   alone      the tokenizer alone on the first `--sample-mb` of the same documents, already in
              memory, split over W processes (no reading, no writing, no IPC during the timing):
-             the limit prepare can approach
+             the limit prepare can approach; for gpt2 also tiktoken's own threads
+             (`encode_ordinary_batch(num_threads=W)` in one process) on the same texts
   nanogpt    nanoGPT's way (gpt2 only), re-implemented here as its data/openwebtext/prepare.py
              does it: HF `datasets` load (json + parquet) -> `map(process, num_proc=W)` with
              tiktoken `encode_ordinary` + eot -> one np.memmap written in 1024 contiguous
              batches. (A re-implementation: this machine has no network to fetch nanoGPT.)
 
     python benchmarks/prepare_corpus.py --out /tmp/corpus --size-mb 2000
-    nice -n 5 python benchmarks/prepare.py --corpus /tmp/corpus --json /tmp/prepare.json
+    flock /tmp/cpu.lock python benchmarks/prepare.py --corpus /tmp/corpus --tokenizers byte \
+        --json /tmp/prepare-byte.json
 """
 
 from __future__ import annotations
@@ -129,8 +131,8 @@ def _alone_slice(args) -> tuple[int, float]:
         batch = texts[i : i + 256]
         if spec == "byte":
             n += sum(len(t.encode("utf-8")) for t in batch)
-        else:
-            n += sum(map(len, tok.encode_batch(batch)))
+        else:  # the call prepare makes (tiktoken's encode_to_numpy)
+            n += sum(map(len, encode.token_arrays(tok, batch, encode._state["dtype"])))
     return n, time.perf_counter() - t0
 
 
@@ -152,8 +154,18 @@ def alone(corpus: str, tok: str, workers: int, sample_mb: int) -> dict:
         done = list(pool.map(_alone_slice, [(tokenizer_spec(tok), s, start_at) for s in slices]))
     wall = max(t for _, t in done)
     tokens = sum(n for n, _ in done) + len(texts)  # + one end-of-text per document
-    return {"text_bytes": size, "tokens": tokens, "wall_s": wall,
-            "MB_per_s": size / 1e6 / wall, "tokens_per_s": tokens / wall}  # fmt: skip
+    out = {"text_bytes": size, "tokens": tokens, "wall_s": wall,
+           "MB_per_s": size / 1e6 / wall, "tokens_per_s": tokens / wall}  # fmt: skip
+    if tok == "gpt2":  # tiktoken's own thread pool, in this one process, on the same texts
+        from stalwart.data import encode
+
+        encode.init_worker(tokenizer_spec(tok), None, "uint16", 0.1)
+        enc = encode._state["tok"]._enc
+        t0 = time.perf_counter()
+        for i in range(0, len(texts), 256):
+            enc.encode_ordinary_batch(texts[i : i + 256], num_threads=workers)
+        out["threads_MB_per_s"] = size / 1e6 / (time.perf_counter() - t0)
+    return out
 
 
 def nanogpt(corpus: str, workers: int, scratch: str) -> dict:
@@ -229,6 +241,8 @@ def summary(row: dict) -> str:
             f"{pr['tokens_per_s'] / 1e6:5.2f}M tok/s peak {pr['peak_rss_bytes'] / 2**20:5.0f} MiB"
             f" ({pr['wall_s']:.0f} s) | alone {al['MB_per_s']:6.1f} MB/s -> "
             f"{pr['MB_per_s'] / al['MB_per_s']:.0%}")  # fmt: skip
+    if "threads_MB_per_s" in al:
+        line += f" | tiktoken {row['workers']} threads {al['threads_MB_per_s']:5.1f} MB/s"
     if "nanogpt" in row:
         ng = row["nanogpt"]
         line += (f" | nanoGPT {ng['MB_per_s']:5.1f} MB/s peak "
