@@ -81,9 +81,11 @@ def test_hf_dataset_offline_is_one_clear_line(tmp_path):
     )
 
 
-def test_disk_full_mid_prepare_removes_partial_output(tmp_path, tiny_text_dir):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_disk_full_mid_prepare_removes_partial_output(tmp_path, tiny_text_dir, workers):
     """A real write failure: RLIMIT_FSIZE makes a write past 150 KB of a file fail (EFBIG), as a
-    full disk does (ENOSPC), in the middle of the train shard (~230 KB)."""
+    full disk does (ENOSPC), in the middle of the train shard (~230 KB); with 2 workers it is a
+    worker's spill file that fails first, and its error is the same one line."""
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing us
@@ -91,7 +93,7 @@ def test_disk_full_mid_prepare_removes_partial_output(tmp_path, tiny_text_dir):
 
     out = tmp_path / "ds"
     cmd = [sys.executable, "-m", "stalwart", "prepare", str(tiny_text_dir), "--out", str(out),
-           "--workers", "1"]  # fmt: skip
+           "--workers", workers]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, preexec_fn=limit, timeout=120)
     _assert_clean_failure(r, out, "the disk filled up")
     assert not out.exists()

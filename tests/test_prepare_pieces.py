@@ -154,3 +154,22 @@ def test_interrupted_anywhere_then_rerun_gives_the_same_bytes(
         prepare([str(src)], "byte", out, workers=workers, **KW)
         assert f"from piece {state['piece']}, chunk {state['chunk']}" in capfd.readouterr().err
         assert _tree(out) == ref, stop_after
+
+
+def test_a_streamed_dataset_is_read_here_and_tokenized_by_workers(tmp_path, monkeypatch):
+    """--hf-dataset has no files to split: this process reads the stream and hands batches of
+    documents to the workers; still the same bytes for 1 and 2 workers, every document once."""
+    pytest.importorskip("datasets")
+    from stalwart.data import sources
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 5_000)  # many batches
+    src = tmp_path / "local"
+    src.mkdir()
+    texts = _texts(80, 11)
+    (src / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    for w in (1, 2):
+        prepare([], "byte", tmp_path / f"w{w}", workers=w, hf_dataset=str(src), **KW)
+    assert _tree(tmp_path / "w1") == _tree(tmp_path / "w2")
+    assert sorted(_documents(tmp_path / "w1")) == sorted(t.encode() for t in texts)
