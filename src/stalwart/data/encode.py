@@ -186,27 +186,29 @@ def run_piece(piece, skip: int, spill: str) -> tuple[list, list[str]]:
             for part in (enc.tokens, enc.doc_tokens, enc.doc_bytes, enc.val.view(np.uint8),
                          enc.byte_counts, np.frombuffer(enc.digest + held, np.uint8)):  # fmt: skip
                 f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
-                offset += part.nbytes
-                pad = -offset % 8
-                f.write(b"\0" * pad)
-                offset += pad
+                f.write(b"\0" * (-part.nbytes % 8))
+                offset += part.nbytes + (-part.nbytes % 8)
     return index, skipped
 
 
+def _layout(dtype, n_tok: int, n_doc: int, n_held: int) -> list[tuple]:
+    return [(dtype, n_tok), (np.int64, n_doc), (np.int64, n_doc), (np.bool_, n_doc),
+            (np.int64, 256), (np.uint8, 32 + n_held)]  # fmt: skip
+
+
 def read_spill(spill: Path, index: list, dtype) -> Iterator[Encoded]:
-    """The chunks a worker wrote, as views of a memory map of the file (no copy; plain arrays,
-    nothing in the file is executed)."""
-    if not index:
-        return
-    data = np.memmap(spill, np.uint8, mode="r")
+    """The chunks a worker wrote, each as views of a memory map of its own bytes (no copy, and
+    only one chunk mapped at a time; plain arrays, nothing in the file is executed)."""
     dtype = np.dtype(dtype)
     for offset, n_tok, n_doc, n_held in index:
-        parts = []
-        for dt, count in ((dtype, n_tok), (np.int64, n_doc), (np.int64, n_doc),
-                          (np.bool_, n_doc), (np.int64, 256), (np.uint8, 32 + n_held)):  # fmt: skip
-            size = np.dtype(dt).itemsize * count
-            parts.append(data[offset : offset + size].view(dt))
-            offset += size + (-size % 8)
+        layout = [(np.dtype(dt), n) for dt, n in _layout(dtype, n_tok, n_doc, n_held)]
+        sizes = [dt.itemsize * n for dt, n in layout]
+        data = np.memmap(spill, np.uint8, mode="r", offset=offset,
+                         shape=(sum(z + (-z % 8) for z in sizes),))  # fmt: skip
+        parts, at = [], 0
+        for (dt, _), size in zip(layout, sizes):
+            parts.append(data[at : at + size].view(dt))
+            at += size + (-size % 8)
         tail = parts[-1].tobytes()
         yield Encoded(*parts[:5], tail[:32], json.loads(tail[32:]))
-    del data
+        del data, parts
