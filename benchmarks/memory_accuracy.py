@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT / "src"))
 SIZES = {
     "small": ["--model.n_layer", "2", "--model.n_head", "4", "--model.n_embd", "128",
               "--model.block_size", "128"],
+    "small4": ["--model.n_layer", "4", "--model.n_head", "4", "--model.n_embd", "128",
+               "--model.block_size", "128"],  # the shape the issue saw at -13%
     "default": ["--model.n_layer", "4", "--model.n_head", "4", "--model.n_embd", "256",
                 "--model.block_size", "256"],
 }  # fmt: skip
