@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from stalwart.data import encode
-from stalwart.data.shards import ShardWriter, cut_tail
+from stalwart.data.shards import BackgroundWriter, ShardWriter, cut_tail
 from stalwart.data.sources import Corpus
 from stalwart.data.stats import Meter, compressor_baselines, say
 from stalwart.data.tokenizer import ByteTokenizer
@@ -58,8 +58,8 @@ class Job:
         with open(work / HELDOUT, "ab") as f:
             f.truncate(self.heldout_size)
         shard = settings["shard_tokens"]
-        self.train = ShardWriter(work, "train", self.dtype, shard, s.get("train"))
-        self.val = ShardWriter(work, "val", self.dtype, shard, s.get("val"))
+        self.train = BackgroundWriter(ShardWriter(work, "train", self.dtype, shard, s.get("train")))
+        self.val = BackgroundWriter(ShardWriter(work, "val", self.dtype, shard, s.get("val")))
         self.meter = Meter(corpus.bytes_total, enabled=progress)
         self.last_sync = time.monotonic()
 
@@ -211,8 +211,7 @@ class Job:
         shakespeare does. Their bytes are counted by decoding them, end-of-text excluded."""
         s, c, eot = self.settings, self.counts, self.tok.eot_id
         n = min(max(1, round(self.train.tokens * s["val_frac"])), s["val_tokens"])
-        tail = cut_tail(self.work, train, self.dtype, n)
-        self.train.shards = train
+        tail = cut_tail(self.work, train, self.dtype, n)  # the train writer's shards, in place
         self.val = ShardWriter(self.work, "val", self.dtype, s["shard_tokens"])
         self.val.write(tail)
         text = self.tok.decode(tail[tail != eot].tolist())
