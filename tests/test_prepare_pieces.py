@@ -128,8 +128,9 @@ class _Stop(Exception):
 def test_interrupted_anywhere_then_rerun_gives_the_same_bytes(
     tmp_path, monkeypatch, capfd, workers
 ):
-    """The run stops after k chunks (mid-piece, mid-shard); the rerun resumes from the last
-    sync (piece, chunk) and ends byte-identical to an uninterrupted run."""
+    """The run stops after k chunks (mid-piece, mid-shard); the rerun, with the other worker
+    count, resumes from the last sync (piece, chunk) and ends byte-identical to an
+    uninterrupted run (a killed pool's spill files included: none is left in the dataset)."""
     src, _ = _corpus(tmp_path / "src")
     prepare([str(src)], "byte", tmp_path / "ref", workers=1, **KW)
     ref = _tree(tmp_path / "ref")
@@ -151,7 +152,7 @@ def test_interrupted_anywhere_then_rerun_gives_the_same_bytes(
         assert state["piece"] > 0
         monkeypatch.setattr(job_module.Job, "_consume", consume)
         capfd.readouterr()
-        prepare([str(src)], "byte", out, workers=workers, **KW)
+        prepare([str(src)], "byte", out, workers=3 - workers, **KW)  # the other count
         assert f"from piece {state['piece']}, chunk {state['chunk']}" in capfd.readouterr().err
         assert _tree(out) == ref, stop_after
 

@@ -68,6 +68,8 @@ class Job:
         spec, s = self.settings["tokenizer"], self.settings
         args = (spec, str(self.work), self.dtype.name, s["val_frac"], self.corpus.text_field,
                 self.heldout_limit)  # fmt: skip
+        spill = self.work / SPILL
+        shutil.rmtree(spill, ignore_errors=True)  # a killed run's, even when this one has no pool
         if workers == 1:  # in this process, with the tokenizer prepare.py already built
             encode.init_worker(*args, tok=self.tok)
             for piece in pieces:
@@ -77,8 +79,6 @@ class Job:
                     self._consume(enc)
                 self._end_piece(piece, skipped)
             return
-        spill = self.work / SPILL
-        shutil.rmtree(spill, ignore_errors=True)
         spill.mkdir()
         ctx = get_context("spawn")  # no fork of a process that may hold threads (torch, arrow)
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=args)
