@@ -8,6 +8,7 @@ import json
 
 from stalwart.config import load_config
 from stalwart.experiments import run_experiment
+from stalwart.experiments.main_job import CANDIDATES
 from tests.conftest import ROOT, run_cli
 
 
@@ -31,5 +32,5 @@ def test_main_job_experiment_quick_writes_report_plot_and_arms(tmp_path, tiny_da
     text = report.read_text()
     assert (out / "loss_vs_time.png").stat().st_size > 0
     arms = [json.loads(line) for line in (out / "arms.jsonl").read_text().splitlines()]
-    assert len(arms) == 3 and all(a["tokens"] > 0 for a in (x["score"] for x in arms))
+    assert len(arms) == len(CANDIDATES) and all(a["tokens"] > 0 for a in (x["score"] for x in arms))
     assert "whole held-out split" in text and "Calibration" in text and "--quick" in text

@@ -9,10 +9,11 @@ Time is the budget, and this machine is shared: wall time under load says little
 probe per run is at the mercy of whatever else runs then. So the cost of a step is measured
 once, in one process, interleaved: the anchor and every candidate take turns (`ROUNDS` steps
 each, one thread, CPU seconds of this process, medians), so load drifts hit them alike. The
-anchor is today's byte-level tiny-cpu step, whose idle speed was measured (BENCHMARKS.md: 6,131
-tokens/s = 0.668 s a step with 2 threads): a candidate's idle step = 0.668 s x its CPU ratio to
-the anchor. Its step count is the budget over that, and its curve's time axis is steps x that.
-The candidates then train side by side, one process (one thread) each.
+anchor is the recipe of configs/tiny-cpu.toml as it was before this sweep (llama 2x384, Muon,
+cosine), whose idle 2-thread step was measured on the quiet machine (ANCHOR_IDLE_S); a
+candidate's idle step = that x its CPU ratio to the anchor. Its step count is the budget over
+that, and its curve's time axis is steps x that. The candidates then train side by side, one
+process (one thread) each.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ from stalwart.precision import build_precision
 from stalwart.train import forward_backward
 
 BPE_DATA = Path("data/stdlib-bpe4096")
-ANCHOR_IDLE_S = 4096 / 6131  # configs/tiny-cpu.toml (byte), 2 idle threads: BENCHMARKS.md
+# the anchor's step with 2 threads on the idle machine: `make train` timed on the quiet machine,
+# 212 s of training for 217 steps, evaluations and checkpoints included (README, BENCHMARKS.md)
+ANCHOR_IDLE_S = 212.0 / 217
 BUDGET_S = 270.0  # of the 300 s: a margin for the calibration's error
 
 GPT2 = {"model.arch": "gpt2", "train.fused_gelu": True}
@@ -61,13 +64,19 @@ LLAMA = {"model.arch": "llama", "model.bias": False, "model.tie_embeddings": Fal
 SHAPE = {"model.n_layer": 2, "model.n_head": 4, "model.n_embd": 384, "model.block_size": 256}
 ADAMW = {"optim.name": "adamw", "optim.lr": 2e-3}
 MUON = {"optim.name": "muon", "optim.lr": 2e-3, "optim.muon_lr": 0.02, "optim.momentum": 0.95}
+COSINE = {"schedule.name": "cosine", "schedule.warmup_steps": 30, "optim.min_lr": -1.0}
+# warmup-stable-decay: 10 warmup steps, the peak held for half the run, then linear to zero
+WSD = {"schedule.name": "wsd", "schedule.warmup_steps": 10, "schedule.decay_frac": 0.5,
+       "optim.min_lr": 0.0}  # fmt: skip
 CANDIDATES = {  # trained side by side; each arm's summary lands in OUT/arms.jsonl when done
-    "llama 2x384 Muon": {**LLAMA, **SHAPE, **MUON},
-    "llama 2x384 AdamW": {**LLAMA, **SHAPE, **ADAMW},
-    "gpt2 2x384 AdamW (the old recipe)": {**GPT2, **SHAPE, **ADAMW},
+    "llama 2x384 Muon, wsd": {**LLAMA, **SHAPE, **MUON, **WSD},
+    "llama 2x384 Muon, wsd, 2x Muon LR": {**LLAMA, **SHAPE, **MUON, **WSD, "optim.muon_lr": 0.04},
+    "llama 2x384 Muon, cosine": {**LLAMA, **SHAPE, **MUON, **COSINE},
+    "llama 2x384 AdamW, wsd": {**LLAMA, **SHAPE, **ADAMW, **WSD},
+    "gpt2 2x384 AdamW, cosine (the first recipe)": {**GPT2, **SHAPE, **ADAMW, **COSINE},
 }
-ANCHOR = {**GPT2, **SHAPE, **ADAMW}  # on the byte-level data, as BENCHMARKS measured it
-COMMON = {**RUN, "train.micro_batch": 16, "schedule.warmup_steps": 30, "optim.weight_decay": 0.1}
+ANCHOR = {**LLAMA, **SHAPE, **MUON, **COSINE}  # configs/tiny-cpu.toml before this sweep
+COMMON = {**RUN, "train.micro_batch": 16, "optim.weight_decay": 0.1}
 NOT_RECIPE = {*COMMON, "data.dir", "train.eval_interval", "train.eval_batches"}
 ROUNDS = 5  # timed steps per arm in the calibration
 
@@ -84,7 +93,7 @@ def _stepper(cfg):
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        rows = torch.randint(0, 257, (B, T + 1))  # ids every vocabulary here has
+        rows = torch.randint(0, vocab, (B, T + 1))
         forward_backward(model, [(rows[:, :-1], rows[:, 1:])], prec, 1, DistContext())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -94,14 +103,13 @@ def _stepper(cfg):
 
 def idle_seconds_per_step(ctx: Context, arms: dict[str, dict], vocab: int) -> dict[str, float]:
     """Each arm's step on the idle 2-core machine, from CPU ratios to the anchor (docstring)."""
-    vocab = {"anchor": 257} | dict.fromkeys(arms, vocab)
     configs = {"anchor": _sized(ctx, ANCHOR)} | arms
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         steps = {}
         for name, o in configs.items():
-            o = o | {"model.vocab_size": vocab[name]}
+            o = o | {"model.vocab_size": vocab}
             steps[name] = _stepper(make_config(ctx, "calibration", o))
             steps[name]()  # allocation, the fused GELU's compilation, the optimizer state
         cpu: dict[str, list[float]] = {k: [] for k in steps}
