@@ -174,3 +174,11 @@ def test_a_streamed_dataset_is_read_here_and_tokenized_by_workers(tmp_path, monk
         prepare([], "byte", tmp_path / f"w{w}", workers=w, hf_dataset=str(src), **KW)
     assert _tree(tmp_path / "w1") == _tree(tmp_path / "w2")
     assert sorted(_documents(tmp_path / "w1")) == sorted(t.encode() for t in texts)
+
+
+def test_a_parquet_column_that_is_not_text_is_one_clear_error(tmp_path):
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    for w in (1, 2):
+        with pytest.raises(UserError, match="column 'text' is int64, not text"):
+            prepare([str(tmp_path / "ints.parquet")], "byte", tmp_path / f"o{w}", workers=w,
+                    progress=False)  # fmt: skip
