@@ -17,6 +17,9 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e .
+	@# train.cpu_kernels: compile stalwart's CPU kernels once now (~20 s) rather than in the
+	@# first run; without a C++ compiler runs use torch's ops (and say so)
+	$(BIN)/python -m stalwart.model.cpu_kernels || echo "note: stalwart's CPU kernels were not built; runs will use torch's ops"
 	touch $@
 
 $(BIN)/.installed-dev: $(BIN)/.installed

@@ -172,3 +172,14 @@ def test_compare_fused_gelu_runs_both_kernels(tiny_data, tmp_path):
     assert all("error" not in r for r in rows.values())
     assert rows["torch GELU"]["ratio"] == 1.0 and rows["fused GELU"]["ratio"] > 0
     assert "fused GELU" in format_compare(res)
+
+
+def test_compare_cpu_kernels_runs_both(tiny_data, tmp_path):
+    cfg = tiny_config(tmp_path, tiny_data, "--train.precision", "fp32")
+    res = run_compare(cfg, "cpu_kernels", steps=2, warmup=1, say=lambda m: None, memory=False)
+    rows = {r["variant"]: r for r in res["variants"]}
+    assert list(rows) == ["torch ops", "stalwart kernels"]
+    assert all("error" not in r for r in rows.values())
+    assert rows["torch ops"]["cpu_kernels"] is False
+    assert rows["stalwart kernels"]["cpu_kernels"] is True  # they really ran
+    assert "stalwart kernels" in format_compare(res)

@@ -78,9 +78,10 @@ def test_fused_gelu_under_activation_checkpointing_gives_identical_gradients(spe
 
 
 def test_fused_gelu_trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data):
-    fused = ("--train.fused_gelu", "true")
+    torch_ops = ("--train.cpu_kernels", "false")  # (train.cpu_kernels has a GELU of its own)
+    fused = ("--train.fused_gelu", "true", *torch_ops)
     full, resumed = crash_and_resume(tmp_path, tiny_data, *fused)
-    train(tiny_config(tmp_path / "torch", tiny_data), progress=False)
+    train(tiny_config(tmp_path / "torch", tiny_data, *torch_ops), progress=False)
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "torch")
     assert a != b  # really another kernel ...
     assert a == pytest.approx(b, rel=1e-4)  # ... for the same function

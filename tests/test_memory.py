@@ -95,11 +95,13 @@ def _saved_tensor_bytes(model, x, y) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.parametrize("kernels", [False, True])
 @pytest.mark.parametrize("extra", [[], ["--model.bias", "false"], ["--model.dropout", "0.1"]])
-def test_planned_activations_are_what_autograd_saves(extra):
+def test_planned_activations_are_what_autograd_saves(extra, kernels):
     cfg = cfg_of(*ONE_LAYER, "--model.n_layer", "2", *extra)
     torch.manual_seed(0)
     model = build_model(cfg.model, 32).train()
+    model.set_cpu_kernels(kernels)  # train.cpu_kernels saves what torch's ops save
     rows = torch.randint(0, 32, (4, 9))
     saved = _saved_tensor_bytes(model, rows[:, :-1], rows[:, 1:])
     plan = plan_training(cfg, micro_batch=4)
@@ -113,6 +115,7 @@ def _allocator_peak(cfg, B: int) -> int:
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.model.vocab_size)
     model.set_fused_gelu(cfg.train.fused_gelu)
+    model.set_cpu_kernels(cfg.train.cpu_kernels)
     opt = build_optimizer(cfg.optim, model)
     prec = build_precision(cfg.train.precision, torch.device("cpu"))
     T, accum = cfg.model.block_size, cfg.train.grad_accum

@@ -37,6 +37,7 @@ from stalwart.hardware import describe_peak, device_name
 from stalwart.logs.metrics import PHASES, utilization
 from stalwart.memory.measure import PeakMemory, enable_exact_cpu_peak
 from stalwart.memory.planner import plan_training
+from stalwart.model import cpu_kernels
 from stalwart.model.gpt import flops_per_token, hardware_flops_per_token
 from stalwart.precision import resolve_precision
 from stalwart.train import Callback, train
@@ -188,6 +189,7 @@ def summarize(cfg: Config, probe: _Probe, device, steps: int, warmup: int) -> di
         precision=precision,
         threads=threads,
         compile=cfg.train.compile,
+        cpu_kernels=_cpu_kernels_ran(cfg, device, precision),
         activation_checkpointing=cfg.model.activation_checkpointing,
         tokens_per_step=tokens_per_step,
         flops_per_token=fpt,
@@ -252,6 +254,18 @@ def memory_fields(cfg: Config, model: torch.nn.Module, probe: _Probe, device) ->
     return {"peak_memory_bytes": probe.peak_bytes, "memory": memory}
 
 
+def _cpu_kernels_ran(cfg: Config, device: torch.device, precision: str) -> bool:
+    """Whether the run's model took train.cpu_kernels (GPT-2, CPU, fp32, eager, built)."""
+    return bool(
+        cfg.train.cpu_kernels
+        and cfg.model.arch == "gpt2"
+        and device.type == "cpu"
+        and precision == "fp32"
+        and not cfg.train.compile
+        and cpu_kernels.kernels() is not None
+    )
+
+
 # ---- --compare ------------------------------------------------------------------------------
 
 
@@ -267,19 +281,23 @@ def compare_variants(what: str, cfg: Config, device: torch.device) -> list[tuple
         if cfg.model.n_layer >= 2:
             names.insert(2, "every:2")
         field = ("model", "activation_checkpointing")
-    elif what in ("compile", "fused_gelu"):
+    elif what in ("compile", "fused_gelu", "cpu_kernels"):
         names = [False, True]
         field = ("train", what)
     else:
         raise UserError(
-            f"--compare {what}: choose precision, activation_checkpointing, compile or fused_gelu"
+            f"--compare {what}: choose precision, activation_checkpointing, compile, fused_gelu "
+            "or cpu_kernels"
         )
     variants = []
     for name in names:
         c = with_overrides(cfg, {".".join(field): name})
+        if what == "fused_gelu":  # train.cpu_kernels would take the GELU in both
+            c = with_overrides(c, {"train.cpu_kernels": False})
         label = {
             "compile": {False: "eager", True: "compiled"},
             "fused_gelu": {False: "torch GELU", True: "fused GELU"},
+            "cpu_kernels": {False: "torch ops", True: "stalwart kernels"},
         }.get(what, {}).get(name, name)
         variants.append((str(label), c))
     return variants
@@ -322,6 +340,7 @@ def format_report(r: dict) -> str:
         f"model       {m['n_layer']} layers x {m['n_embd']} wide, T={m['block_size']}, "
         f"vocab {m['vocab_size']}; {r['tokens_per_step']:,} tokens/step; {r['precision']}"
         + (", compiled" if r["compile"] else "")
+        + (", stalwart CPU kernels" if r.get("cpu_kernels") else "")
         + (f", checkpointing {r['activation_checkpointing']}" if r["hfu"] != r["mfu"] else ""),
         f"device      {r['device']}",
         f"timed       {r['steps']} steps after {r['warmup']} warm-up",

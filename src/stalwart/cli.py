@@ -255,7 +255,7 @@ def _add_training(sub) -> None:
     s.add_argument("--json", action="store_true", help="one JSON object on stdout")
     s.add_argument(
         "--compare",
-        choices=["precision", "activation_checkpointing", "compile", "fused_gelu"],
+        choices=["precision", "activation_checkpointing", "compile", "fused_gelu", "cpu_kernels"],
         help="run the variants of one setting in this process and print ratios",
     )
     s.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (= --train.peak_flops)")

@@ -202,6 +202,11 @@ class TrainConfig(Section):
     eval_batches: int = opt(20, "held-out micro-batches per evaluation")
     log_interval: int = opt(1, "steps between metrics records / progress lines")
     compile: bool = opt(False, "torch.compile the model")
+    cpu_kernels: bool = opt(
+        True,
+        "CPU fp32 (gpt2): Linears through OpenBLAS, causal attention and GELU as stalwart's "
+        "compiled kernels (the same math; built once per machine, torch's ops if they can't be)",
+    )
     fused_gelu: bool = opt(
         False,
         "CPU fp32: GPT-2's tanh GELU as one compiled loop (same function, ~2x faster; compiled "

@@ -176,6 +176,7 @@ class Trainer:
         device = self.ctx.device
         self.raw_model = build_model(cfg.model, self.vocab).to(device)
         self.raw_model.set_fused_gelu(cfg.train.fused_gelu)
+        self.raw_model.set_cpu_kernels(cfg.train.cpu_kernels)
         # init_from starts a run; a run that already has checkpoints resumes from its own
         # weights (the source may be gone by then)
         if cfg.run.init_from and not ck.step_dirs(self.run_dir / "checkpoints"):

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from stalwart.config import ModelConfig, parse_activation_checkpointing
-from stalwart.model import llama
+from stalwart.model import cpu_kernels, llama
 from stalwart.model.common import TransformerLM
+from stalwart.model.cpu_kernels import linear
 from stalwart.model.kernels import gelu_tanh
 from stalwart.model.recompute import selective_contexts
 
@@ -29,10 +30,20 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual_proj = True  # GPT-2 init: scaled by 1/sqrt(2 * n_layer)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.cpu_kernels = False  # set by GPT.set_cpu_kernels (train.cpu_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        qkv = linear(x, self.c_attn, self.cpu_kernels)  # (B, T, 3C)
+        if (
+            self.cpu_kernels
+            and not (self.training and self.dropout > 0)
+            and cpu_kernels.applies(qkv)
+        ):  # q, k, v read in place; y comes out as c_proj's input
+            return self.resid_dropout(
+                linear(cpu_kernels.causal_attention(qkv, self.n_head), self.c_proj, True)
+            )
+        q, k, v = qkv.split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # (B, nh, T, hs): flash / memory-efficient kernels where the backend has them
         y = F.scaled_dot_product_attention(
@@ -50,10 +61,16 @@ class MLP(nn.Module):
         self.c_proj.residual_proj = True
         self.dropout = nn.Dropout(cfg.dropout)
         self.fused_gelu = False  # set by GPT.set_fused_gelu (train.fused_gelu)
+        self.cpu_kernels = False  # set by GPT.set_cpu_kernels (train.cpu_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # tanh-approximate GELU: GPT-2's "gelu_new", so exported weights mean the same thing
-        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x), self.fused_gelu)))
+        h = linear(x, self.c_fc, self.cpu_kernels)
+        if self.cpu_kernels and cpu_kernels.applies(h):
+            h = cpu_kernels.gelu_tanh(h)
+        else:
+            h = gelu_tanh(h, self.fused_gelu)
+        return self.dropout(linear(h, self.c_proj, self.cpu_kernels))
 
 
 class Block(nn.Module):
@@ -98,12 +115,30 @@ class GPT(TransformerLM):
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying (GPT-2)
         self.apply(self._init_weights)
+        self.cpu_kernels = False  # set by set_cpu_kernels (train.cpu_kernels)
         self.set_activation_checkpointing(cfg.activation_checkpointing)
 
     @property
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks (FSDP wraps one unit per block)."""
         return self.transformer.h
+
+    def set_activation_checkpointing(self, spec: str) -> None:
+        super().set_activation_checkpointing(spec)
+        self._route_cpu_kernels()
+
+    def set_cpu_kernels(self, on: bool) -> None:
+        """CPU fp32: Linears, causal attention and GELU through stalwart's kernels
+        (stalwart.model.cpu_kernels); torch's ops wherever those do not apply."""
+        self.cpu_kernels = on
+        self._route_cpu_kernels()
+
+    def _route_cpu_kernels(self) -> None:
+        on = getattr(self, "cpu_kernels", False)
+        for block in self.transformer.h:
+            # selective checkpointing keeps matmul outputs by op (model/recompute.py); the
+            # kernels are not dispatcher ops its policy could see, so those blocks keep torch's
+            block.attn.cpu_kernels = block.mlp.cpu_kernels = on and not block.selective
 
     def set_fused_gelu(self, on: bool) -> None:
         """CPU fp32: GPT-2's GELU as compiled one-pass kernels (stalwart.model.kernels)."""
@@ -120,7 +155,8 @@ class GPT(TransformerLM):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B,T,C)
         for block in self.transformer.h:
             x = block(x)
-        return self._with_loss(self.lm_head(self.transformer.ln_f(x)), targets)  # (B, T, vocab)
+        logits = linear(self.transformer.ln_f(x), self.lm_head, self.cpu_kernels)  # (B, T, vocab)
+        return self._with_loss(logits, targets)
 
     def num_params(self, exclude_position: bool = False) -> int:
         """Unique parameters (the tied head counted once); optionally without wpe."""

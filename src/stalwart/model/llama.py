@@ -149,6 +149,10 @@ class Llama(TransformerLM):
         """The decoder layers (FSDP wraps one unit per layer)."""
         return self.model.layers
 
+    def set_cpu_kernels(self, on: bool) -> None:
+        """`train.cpu_kernels` is GPT-2's (its fused attention reads c_attn's packed q/k/v);
+        llama runs torch's ops."""
+
     def set_fused_gelu(self, on: bool) -> None:
         """No GELU here (SwiGLU): `train.fused_gelu` changes nothing for llama."""
 
