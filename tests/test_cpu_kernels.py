@@ -225,3 +225,13 @@ def test_without_a_cxx_compiler_a_run_says_so_and_uses_torch(tmp_path, tiny_data
     assert out.returncode == 0, out.stderr[-2000:]
     notes = [ln for ln in out.stderr.splitlines() if ln.startswith("note: train.cpu_kernels")]
     assert len(notes) == 1 and "using torch's" in notes[0], out.stderr[-2000:]
+
+
+def test_the_peak_calibration_times_the_kernels_matmul_too():
+    """MFU's CPU peak is the fastest matmul a run can call: hardware's calibration times the
+    Linears' OpenBLAS product beside torch.mm (and it computes a @ b)."""
+    from stalwart import hardware
+
+    assert cpu_kernels._calibration_matmul in hardware.MATMUL_BACKENDS
+    a, b = torch.randn(40, 24), torch.randn(24, 56)
+    _close(cpu_kernels._calibration_matmul(a, b)(), (a.double() @ b.double()), 1e-6)

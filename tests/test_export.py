@@ -88,6 +88,7 @@ def test_transformers_loads_it_offline_same_logits_and_tokens(trained, tf):
     ids = tok(TEXT)["input_ids"]
     assert ids == ByteTokenizer().encode(TEXT) and tok.decode(ids) == TEXT  # byte-exact, UTF-8
     x = torch.tensor([ids[:32], ids[-32:]])
+    assert trained.model.cpu_kernels  # the run's own model, on stalwart's CPU kernels (default)
     with torch.no_grad():
         theirs = model(x).logits
         ours, _ = trained.model(x)

@@ -106,21 +106,33 @@ def cuda_matmul_dtype(precision: str) -> str:
 # MFU is never flattered by a calibration matmul that happened to be slower than the model's own.
 CALIBRATION_SHAPES = ((1024, 1024, 1024), (4096, 256, 1024))
 CALIBRATION_SECONDS = 1.5
-CALIBRATION_VERSION = 2  # in the cache key: figures from an older method are measured again
+CALIBRATION_VERSION = 3  # in the cache key: figures from an older method are measured again
+
+
+# fp32 matmuls a run may use besides torch.mm: callables (a, b) -> a thunk computing a @ b, or
+# None where the backend is unavailable. model/cpu_kernels registers OpenBLAS's (the Linears of
+# train.cpu_kernels): the calibrated peak is the fastest matmul a run can call, so a kernel that
+# beats torch's BLAS raises the peak instead of pushing MFU past what the CPU can do.
+MATMUL_BACKENDS: list = []
 
 
 def _matmul_rate(m: int, k: int, n: int, seconds: float, clock=time.perf_counter) -> float:
-    """Best FLOP/s of single (m x k) @ (k x n) matmuls over `seconds` (at least 3 of them)."""
+    """Best FLOP/s of single (m x k) @ (k x n) matmuls over `seconds` (at least 3 of them per
+    backend): torch.mm and each of MATMUL_BACKENDS."""
     a, b = torch.randn(m, k), torch.randn(k, n)
     out = torch.empty(m, n)
-    torch.mm(a, b, out=out)  # warm-up: thread pool, page faults, caches, clocks
-    best, reps = 0.0, 0
-    deadline = time.perf_counter() + seconds
-    while reps < 3 or (time.perf_counter() < deadline and reps < 200):
-        t0 = clock()
-        torch.mm(a, b, out=out)
-        best = max(best, 2 * m * k * n / max(clock() - t0, 1e-9))
-        reps += 1
+    thunks = [lambda: torch.mm(a, b, out=out)]
+    thunks += [t for t in (backend(a, b) for backend in MATMUL_BACKENDS) if t is not None]
+    best = 0.0
+    for thunk in thunks:
+        thunk()  # warm-up: thread pool, page faults, caches, clocks
+        reps = 0
+        deadline = time.perf_counter() + seconds / len(thunks)
+        while reps < 3 or (time.perf_counter() < deadline and reps < 200):
+            t0 = clock()
+            thunk()
+            best = max(best, 2 * m * k * n / max(clock() - t0, 1e-9))
+            reps += 1
     return best
 
 
