@@ -60,7 +60,7 @@ def _cpu_model() -> str:
 def build(verbose: bool = False) -> ModuleType:
     """Compile (or load the cached build of) the kernels; raises if they cannot be built."""
     import scipy_openblas32  # the OpenBLAS the kernels link against
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import get_default_build_root, load
 
     try:  # the pip `ninja` puts its binary beside the package, not always on PATH
         import ninja
@@ -74,6 +74,14 @@ def build(verbose: bool = False) -> ModuleType:
     # a cache shared between machines or versions never hands one a build for another
     key = "\n".join([SOURCE.read_text(), *CFLAGS, *ldflags, torch.__version__, _cpu_model()])
     name = "stalwart_cpu_kernels_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    if not any(root.glob(f"**/{name}/{name}.so")):  # a pause at start deserves a word
+        print(
+            "note: train.cpu_kernels: compiling stalwart's CPU kernels for this machine "
+            "(once, ~20 s)",
+            file=sys.stderr,
+            flush=True,
+        )
     return load(
         name=name,
         sources=[str(SOURCE)],
