@@ -237,3 +237,43 @@ def test_the_peak_calibration_times_the_kernels_matmul_too():
     assert cpu_kernels._calibration_matmul in hardware.MATMUL_BACKENDS
     a, b = torch.randn(40, 24), torch.randn(24, 56)
     _close(cpu_kernels._calibration_matmul(a, b)(), (a.double() @ b.double()), 1e-6)
+
+
+def test_split_over_two_threads_it_is_the_same_and_repeatable():
+    """The suite runs on one thread; runs use two or more. Split over threads (rows of a
+    Linear, its weight-gradient rows and bias columns, the (batch, head) jobs of attention),
+    every kernel still matches float64, and gives the same bits when run again."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 40)
+    x = torch.randn(3, 37, 48)
+    qkv = torch.randn(3, 70, 3 * 48)
+    g_lin, g_att = torch.randn(3, 37, 40), torch.randn(3, 70, 48)
+
+    def run():
+        xs, qs = x.clone().requires_grad_(), qkv.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        y = cpu_kernels.linear(xs, layer, on=True)
+        y.backward(g_lin)
+        a = cpu_kernels.gelu_tanh(cpu_kernels.causal_attention(qs, 4))
+        a.backward(g_att)
+        return [
+            t.detach().clone() for t in (y, xs.grad, layer.weight.grad, layer.bias.grad, a, qs.grad)
+        ]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, again = run(), run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    x64, q64 = x.double().requires_grad_(), qkv.double().requires_grad_()
+    w64 = layer.weight.detach().double().requires_grad_()
+    b64 = layer.bias.detach().double().requires_grad_()
+    y64 = F.linear(x64, w64, b64)
+    y64.backward(g_lin.double())
+    a64 = F.gelu(_sdpa(q64, 4), approximate="tanh")
+    a64.backward(g_att.double())
+    for got, exact in zip(first, (y64, x64.grad, w64.grad, b64.grad, a64, q64.grad)):
+        _close(got, exact, 1e-5)
