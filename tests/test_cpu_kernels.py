@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from stalwart.config import ModelConfig
 from stalwart.model import cpu_kernels
 from stalwart.model.gpt import build_model
-from stalwart.train import train
-from tests.conftest import ROOT, crash_and_resume, tiny_config
-from tests.test_train import _losses
+from tests.conftest import ROOT
+from tests.test_kernels import trains_like_torch_and_resumes_bit_exact
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -190,17 +189,9 @@ def test_under_activation_checkpointing_the_gradients_are_identical(spec):
 
 
 def test_a_run_with_the_kernels_trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data):
-    full, resumed = crash_and_resume(tmp_path, tiny_data)  # the defaults: cpu_kernels on
+    off = ("--train.cpu_kernels", "false")
+    full = trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data, (), off)  # defaults
     assert full.model.cpu_kernels
-    train(
-        tiny_config(tmp_path / "torch", tiny_data, "--train.cpu_kernels", "false"), progress=False
-    )
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "torch")
-    assert a != b  # really other kernels ...
-    assert a == pytest.approx(b, rel=1e-4)  # ... for the same function
-    assert _losses(tmp_path / "part") == a  # resumed after a crash at step 13: bit-exact
-    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
-        assert torch.equal(p, q)
 
 
 @pytest.mark.slow

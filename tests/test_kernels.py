@@ -77,10 +77,11 @@ def test_fused_gelu_under_activation_checkpointing_gives_identical_gradients(spe
         assert torch.equal(a.grad, b.grad), n
 
 
-def test_fused_gelu_trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data):
-    torch_ops = ("--train.cpu_kernels", "false")  # (train.cpu_kernels has a GELU of its own)
-    fused = ("--train.fused_gelu", "true", *torch_ops)
-    full, resumed = crash_and_resume(tmp_path, tiny_data, *fused)
+def trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data, kernels, torch_ops):
+    """A run on other kernels (`kernels` flags) against one on torch's (`torch_ops`): another
+    computation of the same function, and a crash-and-resume of it is bit-exact. Returns the
+    uninterrupted run's result."""
+    full, resumed = crash_and_resume(tmp_path, tiny_data, *kernels)
     train(tiny_config(tmp_path / "torch", tiny_data, *torch_ops), progress=False)
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "torch")
     assert a != b  # really another kernel ...
@@ -88,6 +89,13 @@ def test_fused_gelu_trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data)
     assert _losses(tmp_path / "part") == a  # resumed after a crash at step 13: bit-exact
     for p, q in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
+    return full
+
+
+def test_fused_gelu_trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data):
+    torch_ops = ("--train.cpu_kernels", "false")  # (train.cpu_kernels has a GELU of its own)
+    fused = ("--train.fused_gelu", "true", *torch_ops)
+    trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data, fused, torch_ops)
 
 
 @pytest.mark.slow
