@@ -3,10 +3,6 @@ in place from c_attn's output, GPT-2's GELU) are torch's functions, in training 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +10,8 @@ import torch.nn.functional as F
 from stalwart.config import ModelConfig
 from stalwart.model import cpu_kernels
 from stalwart.model.gpt import build_model
-from tests.conftest import ROOT
-from tests.test_kernels import trains_like_torch_and_resumes_bit_exact
+from tests.conftest import run_cli
+from tests.test_kernels import assert_trains_like_torch_and_resumes_bit_exact
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -190,7 +186,7 @@ def test_under_activation_checkpointing_the_gradients_are_identical(spec):
 
 def test_a_run_with_the_kernels_trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data):
     off = ("--train.cpu_kernels", "false")
-    full = trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data, (), off)  # defaults
+    full = assert_trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data, (), off)  # defaults
     assert full.model.cpu_kernels
 
 
@@ -198,20 +194,13 @@ def test_a_run_with_the_kernels_trains_like_torch_and_resumes_bit_exact(tmp_path
 def test_without_a_cxx_compiler_a_run_says_so_and_uses_torch(tmp_path, tiny_data):
     """A real failing build (no usable C++ compiler, an empty extension cache): one note on
     stderr, and the run trains on torch's ops."""
-    env = {
-        **os.environ,
-        "CXX": "/bin/false",
-        "CC": "/bin/false",
-        "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
-        "OMP_NUM_THREADS": "1",
-    }
-    out = subprocess.run(
-        [sys.executable, "-m", "stalwart", "train", "--quiet", "--data.dir", str(tiny_data),
-         "--run.dir", str(tmp_path / "run"), "--model.n_layer", "1", "--model.n_embd", "32",
-         "--model.n_head", "2", "--model.block_size", "16", "--train.micro_batch", "2",
-         "--train.max_steps", "2", "--schedule.warmup_steps", "1", "--train.sample_tokens", "0",
-         "--run.threads", "1"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    env = {"CXX": "/bin/false", "CC": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    out = run_cli(
+        "train", "--quiet", "--data.dir", tiny_data, "--run.dir", tmp_path / "run",
+        "--model.n_layer", "1", "--model.n_embd", "32", "--model.n_head", "2",
+        "--model.block_size", "16", "--train.micro_batch", "2", "--train.max_steps", "2",
+        "--schedule.warmup_steps", "1", "--train.sample_tokens", "0", "--run.threads", "1",
+        env=env,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     notes = [ln for ln in out.stderr.splitlines() if ln.startswith("note: train.cpu_kernels")]

@@ -77,7 +77,7 @@ def test_fused_gelu_under_activation_checkpointing_gives_identical_gradients(spe
         assert torch.equal(a.grad, b.grad), n
 
 
-def trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data, kernels, torch_ops):
+def assert_trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data, kernels, torch_ops):
     """A run on other kernels (`kernels` flags) against one on torch's (`torch_ops`): another
     computation of the same function, and a crash-and-resume of it is bit-exact. Returns the
     uninterrupted run's result."""
@@ -95,7 +95,7 @@ def trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data, kernels, torch_
 def test_fused_gelu_trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data):
     torch_ops = ("--train.cpu_kernels", "false")  # (train.cpu_kernels has a GELU of its own)
     fused = ("--train.fused_gelu", "true", *torch_ops)
-    trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data, fused, torch_ops)
+    assert_trains_like_torch_and_resumes_bit_exact(tmp_path, tiny_data, fused, torch_ops)
 
 
 @pytest.mark.slow
