@@ -112,3 +112,24 @@ def test_gpt2_tokenizer_offline_error(tmp_path, tiny_text_dir):
         pytest.skip("this machine can reach the GPT-2 vocabulary")
     _assert_user_error(res, "GPT-2 vocabulary could not be loaded")
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("rank, torn_down", [("1", False), ("0", True)])
+def test_a_torchrun_worker_past_rank_0_exits_without_interpreter_teardown(rank, torn_down):
+    """Rank > 0 under torchrun leaves with os._exit (gloo's threads can abort a teardown, see
+    cli._leave_if_torchrun_worker): its exit code stands, its output is flushed, and no
+    teardown runs (an atexit hook stands for it); rank 0 exits the ordinary way."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, sys\n"
+        "from stalwart import cli\n"
+        "atexit.register(lambda: print('teardown', flush=True))\n"
+        "sys.exit(cli.main(['config', '--optim.lr', 'not-a-number']))\n"
+    )
+    env = {"TORCHELASTIC_RUN_ID": "test", "RANK": rank, "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 2  # the command's own exit code (a one-line error here)
+    assert out.stderr.startswith("error: ")
+    assert ("teardown" in out.stdout) is torn_down

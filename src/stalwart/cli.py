@@ -8,6 +8,7 @@ so `stalwart --help` and `stalwart config` answer at once instead of loading tor
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -330,7 +331,10 @@ def _add_inspection(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    return _leave_if_torchrun_worker(_run(sys.argv[1:] if argv is None else argv))
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     try:
         args, rest = parser.parse_known_args(argv)
@@ -343,3 +347,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _leave_if_torchrun_worker(code: int) -> int:
+    """A torchrun worker other than rank 0 that is done exits without interpreter teardown.
+
+    Its work is over: files closed, the last checkpoint written, the process group left
+    (`parallel.shutdown`). But gloo's worker threads may still be dropping their last
+    references to finished collectives, whose tensors are Python objects; once teardown has
+    begun, such a thread cannot take the GIL, and the C++ runtime aborts the process
+    (std::terminate, exit -6: 'terminate called without an active exception'), failing the
+    whole job. Caught in a core dump: ProcessGroupGloo::runLoop destroying an AsyncBarrierWork
+    while the main thread was in Py_FinalizeEx. Rank 0 keeps the ordinary exit (its end-of-run
+    report runs long after the group is gone)."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None and os.environ.get("RANK", "0") != "0":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
